@@ -1,0 +1,20 @@
+"""fmforge: raw text to a deployed foundation model that keeps improving from its own use."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from fmforge.model.load import LoadedModel
+
+
+def load(model: str, **kwargs: Any) -> LoadedModel:
+    """Load a model dir or built-in name; returns an object with .model, .tokenizer, .config."""
+    from fmforge.model.load import load as _load
+
+    return _load(model, **kwargs)
+
+
+__all__ = ["__version__", "load"]

@@ -1,0 +1,169 @@
+"""Typed run configs: flat dataclasses per section, YAML in and out, cross-field checks.
+
+The command line parses these with jsonargparse (`--config FILE`, dotted overrides such as
+`--train.lr=3e-4`, `--print-config`); this module owns the schema and the checks that run before
+any model is built. Nothing here imports torch, so `fmforge --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fmforge.errors import ConfigError
+
+
+@dataclass
+class ModelSection:
+    """Which architecture to build."""
+
+    preset: str = "small"  # a name from fmforge.model.config.PRESETS: tiny, small, 124m
+    vocab_size: int | None = None  # None: taken from the tokenizer of the token shards
+    max_position_embeddings: int | None = None  # None: the preset's context length
+    init_from: str | None = None  # a model dir or built-in name to start from instead of random
+
+
+@dataclass
+class DataSection:
+    """Where the training tokens come from."""
+
+    shards: str = ""  # a directory written by `fmforge data prepare`
+
+
+@dataclass
+class TrainSection:
+    """Optimisation, schedule, evaluation and checkpointing."""
+
+    max_steps: int = 300  # optimizer steps
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seq_len: int = 256  # tokens per sequence
+    lr: float = 3e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW decay on matrices (not on norms/biases/embeddings)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    eval_every: int = 100  # steps between validation passes; 0 disables
+    eval_batches: int = 20  # validation batches per pass
+    checkpoint_every: int = 100  # steps between checkpoints; 0 keeps only the final one
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    log_every: int = 10  # steps between metrics.jsonl records
+    seed: int = 1337  # seeds init, data order and sampling
+    device: str = "auto"  # auto, cpu, cuda
+    dtype: str = "auto"  # auto (fp32 on CPU, bf16 autocast on CUDA), float32, bfloat16
+    compile: str = "auto"  # auto (on for CUDA), true, false
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+
+
+@dataclass
+class PretrainConfig:
+    """Everything `fmforge pretrain` needs; written as `config.yaml` in every run dir."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the config as plain nested dicts."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> PretrainConfig:
+        """Build from nested dicts, naming the source and dotted key of any unknown key."""
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(sections)
+        if unknown:
+            raise ConfigError(_unknown_key_message(source, sorted(unknown)[0], list(sections)))
+        kwargs = {}
+        for name, section_cls in (("model", ModelSection), ("data", DataSection),
+                                  ("train", TrainSection)):
+            values = d.get(name) or {}
+            if not isinstance(values, dict):
+                raise ConfigError(f"{source}: {name} must be a mapping, got {values!r}")
+            known = [f.name for f in dataclasses.fields(section_cls)]
+            for key in values:
+                if key not in known:
+                    raise ConfigError(_unknown_key_message(source, f"{name}.{key}",
+                                                           [f"{name}.{k}" for k in known]))
+            kwargs[name] = section_cls(**values)
+        return cls(**kwargs)
+
+
+def _unknown_key_message(source: str, key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else f" (allowed: {', '.join(allowed)})"
+    return f"{source}: unknown key {key}{hint}"
+
+
+def validate(cfg: PretrainConfig) -> None:
+    """Check values and their consistency; raise ConfigError naming the dotted key."""
+    t = cfg.train
+    positive = ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_batches",
+                "keep_checkpoints", "log_every")
+    for name in positive:
+        if getattr(t, name) <= 0:
+            raise ConfigError(f"train.{name} must be > 0, got {getattr(t, name)}")
+    for name in ("eval_every", "checkpoint_every", "warmup_steps", "weight_decay", "grad_clip",
+                 "threads"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")
+    if not t.lr > 0:
+        raise ConfigError(f"train.lr must be > 0, got {t.lr}")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    if t.warmup_steps > t.max_steps:
+        raise ConfigError(
+            f"train.warmup_steps={t.warmup_steps} is larger than train.max_steps={t.max_steps}; "
+            "lower the warmup or raise max_steps"
+        )
+    choices = {"device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16"),
+               "compile": ("auto", "true", "false")}
+    for name, allowed in choices.items():
+        value = str(getattr(t, name)).lower()
+        if value not in allowed:
+            raise ConfigError(f"train.{name}={getattr(t, name)!r} is not one of {list(allowed)}")
+    from fmforge.model.config import PRESETS  # light: no torch
+
+    if cfg.model.preset not in PRESETS:
+        close = difflib.get_close_matches(cfg.model.preset, PRESETS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"model.preset={cfg.model.preset!r} is not one of {sorted(PRESETS)}{hint}"
+        )
+    if not cfg.data.shards:
+        raise ConfigError("data.shards is empty; pass --data.shards DIR from `fmforge data prepare`")
+    if not Path(cfg.data.shards).is_dir():
+        raise ConfigError(f"data.shards={cfg.data.shards} is not a directory")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with the safe loader; refuse tags that could build objects."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: no such config file") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason})") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0]
+        raise ConfigError(f"{path}: invalid or unsafe YAML ({first})") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def dump_yaml(cfg: PretrainConfig) -> str:
+    """Return the resolved config as YAML that `--config` reads back unchanged."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,41 @@
+"""A preallocated key/value cache: one (B, K, max_len, D) buffer pair per layer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class KVCache(nn.Module):
+    """Keys and values of past positions, written in place by `update(layer, pos, k, v)`.
+
+    Buffers are allocated once for `max_len` positions, so decoding never reallocates.
+    Notation: B batch, K key/value heads, S cached length, D head dim.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.max_len = max_len
+
+    def update(
+        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, K, T, D) at positions start..start+T; return keys/values 0..start+T."""
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")
+        self.k[layer, : k.shape[0], :, start:end] = k
+        self.v[layer, : v.shape[0], :, start:end] = v
+        return self.k[layer, : k.shape[0], :, :end], self.v[layer, : v.shape[0], :, :end]

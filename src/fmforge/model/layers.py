@@ -1,0 +1,81 @@
+"""Maths shared verbatim by the model families: RMSNorm, rotary embeddings, attention.
+
+Notation: B batch, T query length, S key length, H query heads, K key/value heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in fp32 like HF `LlamaRMSNorm`."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cache(
+    max_positions: int, head_dim: int, theta: float, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (cos, sin), each (max_positions, head_dim), for rotate-half RoPE (Su et al. 2021)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device)
+                                .float() / head_dim))
+    positions = torch.arange(max_positions, dtype=torch.int64, device=device).float()
+    freqs = torch.outer(positions, inv_freq)  # (P, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (P, D): the rotate-half layout HF uses
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Return (-x2, x1) for x = (x1, x2) split on the last dim."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, heads, T, D) by cos/sin broadcastable to it ((T, D) or (B, 1, T, D))."""
+    return x * cos + rotate_half(x) * sin
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    eager: bool = False,
+) -> torch.Tensor:
+    """Scaled dot-product attention with grouped KV heads.
+
+    q (B, H, T, D); k, v (B, K, S, D); mask bool (B or 1, 1, T, S), True = may attend.
+    Returns (B, H, T, D). `eager=True` runs the readable reference maths instead of SDPA.
+    """
+    n_rep = q.shape[1] // k.shape[1]
+    if not eager:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=n_rep > 1
+        )
+    if n_rep > 1:
+        k = k.repeat_interleave(n_rep, dim=1)  # (B, H, S, D)
+        v = v.repeat_interleave(n_rep, dim=1)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    if causal and mask is None:
+        t, s = scores.shape[-2:]
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v  # (B, H, T, D)

@@ -1,0 +1,187 @@
+"""Llama-family decoder-only transformer, top to bottom.
+
+Papers: LLaMA (Touvron et al. 2023): pre-norm RMSNorm, rotary position embeddings (RoPE),
+SwiGLU MLP; grouped-query attention (Ainslie et al. 2023). Reference implementation it is tested
+against: `transformers.LlamaForCausalLM` (parameter names are identical, so state dicts load both
+ways; tests/test_model_parity.py).
+
+Notation: B batch, T query length, S key length (cached + new), C hidden size,
+H query heads, K key/value heads, D head dim, V vocab, F intermediate (MLP) size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fmforge.model.config import LlamaConfig
+from fmforge.model.kv_cache import KVCache
+from fmforge.model.layers import RMSNorm, apply_rope, attention, rope_cache
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        c, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(c, f, bias=False)
+        self.up_proj = nn.Linear(c, f, bias=False)
+        self.down_proj = nn.Linear(f, c, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaAttention(nn.Module):
+    """Multi-head self-attention with RoPE and grouped key/value heads."""
+
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        c, d = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(c, self.n_head * d, bias=False)
+        self.k_proj = nn.Linear(c, self.n_kv * d, bias=False)
+        self.v_proj = nn.Linear(c, self.n_kv * d, bias=False)
+        self.o_proj = nn.Linear(self.n_head * d, c, bias=False)
+        self.eager = False  # True: the reference softmax(QK^T)V path instead of SDPA
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        start: int,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, start, k, v)  # (B, K, S, D)
+        # Causal without a mask only when queries and keys are the same positions.
+        causal = mask is None and k.shape[2] == t and t > 1
+        y = attention(q, k, v, mask=mask, causal=causal, eager=self.eager)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim)  # (B, T, H*D)
+        return self.o_proj(y)
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, x, cos, sin, mask, cache, start):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Embeddings, the stack of blocks and the final norm; returns hidden states (B, T, C)."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder-only language model: token ids (B, T) -> next-token logits (B, T, V)."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        cos, sin = rope_cache(config.max_position_embeddings, config.head_dim, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (P, D)
+        self.register_buffer("rope_sin", sin, persistent=False)  # (P, D)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, initializer_range) init; residual projections scaled by 1/sqrt(2 * layers)."""
+        std = self.config.initializer_range
+        residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_residual = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        start: int = 0,
+        position_ids: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Return logits (B, T, V) for token ids (B, T).
+
+        cache/start: with a KV cache, the new tokens occupy cache slots start..start+T.
+        position_ids (B, T): RoPE positions when they differ from the slots (left padding).
+        mask bool (B, 1, T, S): True where a query may attend a key; None means causal.
+        inputs_embeds (B, T, C): used instead of embedding `input_ids` (soft prompts).
+        return_hidden: return the final normed hidden states (B, T, C) instead of logits.
+        """
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        t = x.shape[1]
+        if start + t > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {start + t} tokens exceeds the model's context of "
+                f"{self.config.max_position_embeddings}"
+            )
+        if position_ids is None:
+            cos, sin = self.rope_cos[start : start + t], self.rope_sin[start : start + t]  # (T, D)
+        else:
+            cos = self.rope_cos[position_ids].unsqueeze(1)  # (B, 1, T, D)
+            sin = self.rope_sin[position_ids].unsqueeze(1)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache, start)
+        x = self.model.norm(x)
+        return x if return_hidden else self.lm_head(x)
+
+    def new_cache(
+        self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        """Return an empty KV cache sized for this model."""
+        c = self.config
+        weight = self.lm_head.weight
+        return KVCache(
+            c.num_hidden_layers,
+            batch_size,
+            c.num_key_value_heads,
+            max_len or c.max_position_embeddings,
+            c.head_dim,
+            dtype=dtype or weight.dtype,
+            device=weight.device,
+        )
+
+    def set_eager_attention(self, eager: bool = True) -> None:
+        """Switch every attention layer to the eager reference path (or back to SDPA)."""
+        for layer in self.model.layers:
+            layer.self_attn.eager = eager
