@@ -43,10 +43,19 @@ def _first_step_grads(config, x, y, tmp_path, batch_size, grad_accum):
     """Run one optimizer step through the Trainer; return the gradients it stepped with."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    cfg = TrainSection(max_steps=1, batch_size=batch_size, grad_accum=grad_accum, warmup_steps=0,
-                       eval_every=0, checkpoint_every=0, lr=1e-2, grad_clip=1.0)
-    trainer = Trainer(model, cfg, tmp_path, FixedBatches(x, y, batch_size), causal_lm_loss,
-                      progress=False)
+    cfg = TrainSection(
+        max_steps=1,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        warmup_steps=0,
+        eval_every=0,
+        checkpoint_every=0,
+        lr=1e-2,
+        grad_clip=1.0,
+    )
+    trainer = Trainer(
+        model, cfg, tmp_path, FixedBatches(x, y, batch_size), causal_lm_loss, progress=False
+    )
     grads = {}
     trainer.optimizer.register_step_pre_hook(
         lambda *_: grads.update({n: p.grad.clone() for n, p in model.named_parameters()})
@@ -79,12 +88,36 @@ def test_lr_schedule_warmup_then_cosine():
 
 def _pretrain_cmd(shards_dir, out, max_steps=40):
     return [
-        sys.executable, "-m", "fmforge.cli", "pretrain", "--data.shards", str(shards_dir),
-        "--model.preset", "tiny", "--train.max_steps", str(max_steps),
-        "--train.batch_size", "8", "--train.seq_len", "64", "--train.warmup_steps", "4",
-        "--train.checkpoint_every", "3", "--train.keep_checkpoints", "2",
-        "--train.log_every", "1", "--train.eval_every", "10", "--train.eval_batches", "2",
-        "--train.threads", "1", "--out", str(out),
+        sys.executable,
+        "-m",
+        "fmforge.cli",
+        "pretrain",
+        "--data.shards",
+        str(shards_dir),
+        "--model.preset",
+        "tiny",
+        "--train.max_steps",
+        str(max_steps),
+        "--train.batch_size",
+        "8",
+        "--train.seq_len",
+        "64",
+        "--train.warmup_steps",
+        "4",
+        "--train.checkpoint_every",
+        "3",
+        "--train.keep_checkpoints",
+        "2",
+        "--train.log_every",
+        "1",
+        "--train.eval_every",
+        "10",
+        "--train.eval_batches",
+        "2",
+        "--train.threads",
+        "1",
+        "--out",
+        str(out),
     ]
 
 
@@ -101,8 +134,10 @@ def _records(run: Path) -> list[dict]:
 def _signature(run: Path):
     records = _records(run)
     weights = load_file(str(run / "final" / "model.safetensors"))
-    return ([(r["step"], r["loss"], r["lr"], r["tokens"], r.get("val_loss")) for r in records],
-            weights)
+    return (
+        [(r["step"], r["loss"], r["lr"], r["tokens"], r.get("val_loss")) for r in records],
+        weights,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +159,12 @@ def _assert_same(run: Path, reference):
 
 def test_resume_after_sigkill_mid_run_and_mid_checkpoint(shards_dir, tmp_path, uninterrupted):
     run = tmp_path / "run"
-    proc = subprocess.Popen(_pretrain_cmd(shards_dir, run), env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _pretrain_cmd(shards_dir, run),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         metrics = run / "metrics.jsonl"
@@ -136,13 +175,20 @@ def test_resume_after_sigkill_mid_run_and_mid_checkpoint(shards_dir, tmp_path, u
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     # Second kill: SIGKILL inside the write of the step-24 checkpoint (a test hook).
-    killed = subprocess.run([*_pretrain_cmd(shards_dir, run), "--resume", "auto"],
-                            env=_env(FMFORGE_FAULT_KILL_DURING_CHECKPOINT="24"),
-                            capture_output=True, text=True)
+    killed = subprocess.run(
+        [*_pretrain_cmd(shards_dir, run), "--resume", "auto"],
+        env=_env(FMFORGE_FAULT_KILL_DURING_CHECKPOINT="24"),
+        capture_output=True,
+        text=True,
+    )
     assert killed.returncode == -signal.SIGKILL
     assert (run / "checkpoints" / ".tmp-step-24").exists()  # the half-written one
-    done = subprocess.run([*_pretrain_cmd(shards_dir, run), "--resume", "auto"], env=_env(),
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [*_pretrain_cmd(shards_dir, run), "--resume", "auto"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert "resumed from" in done.stderr and "step-21" in done.stderr
     _assert_same(run, uninterrupted)
@@ -151,8 +197,9 @@ def test_resume_after_sigkill_mid_run_and_mid_checkpoint(shards_dir, tmp_path, u
 def test_corrupt_newest_checkpoint_is_skipped(shards_dir, tmp_path, uninterrupted):
     run = tmp_path / "run"
     cmd = _pretrain_cmd(shards_dir, run)
-    first = subprocess.run(cmd, env=_env(FMFORGE_FAULT_KILL_DURING_CHECKPOINT="30"),
-                           capture_output=True)
+    first = subprocess.run(
+        cmd, env=_env(FMFORGE_FAULT_KILL_DURING_CHECKPOINT="30"), capture_output=True
+    )
     assert first.returncode == -signal.SIGKILL
     newest = run / "checkpoints" / "step-27" / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:-100])  # truncated: sha256 and size fail

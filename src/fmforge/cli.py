@@ -117,10 +117,12 @@ def build_parser() -> ArgumentParser:
             group = " ".join(words[:depth])
             if group not in subcommands:
                 group_parser = _parser(GROUPS.get(group, ""))
-                subcommands[" ".join(words[: depth - 1])].add_subcommand(words[depth - 1],
-                                                                         group_parser)
+                subcommands[" ".join(words[: depth - 1])].add_subcommand(
+                    words[depth - 1], group_parser
+                )
                 subcommands[group] = group_parser.add_subcommands(
-                    dest=group.replace(" ", "_") + "_command")
+                    dest=group.replace(" ", "_") + "_command"
+                )
         subcommands[" ".join(words[:-1])].add_subcommand(words[-1], COMMANDS[path][0]())
     return parser
 
@@ -203,7 +205,9 @@ def _env(args: Namespace) -> None:
 
     report = environment_report()
     if args.short:
-        print(" ".join(f"{k}={v}" for k, v in report.items() if k in ("fmforge", "torch", "device")))
+        print(
+            " ".join(f"{k}={v}" for k, v in report.items() if k in ("fmforge", "torch", "device"))
+        )
     else:
         _print_json(report)
 
@@ -570,8 +574,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     path, node = _command_path(ns)
     if path not in COMMANDS:
-        print(f"fmforge: error: '{path}' needs a subcommand; see fmforge {path} --help",
-              file=sys.stderr)
+        print(
+            f"fmforge: error: '{path}' needs a subcommand; see fmforge {path} --help",
+            file=sys.stderr,
+        )
         return 2
     try:
         code = COMMANDS[path][1](node)

@@ -82,16 +82,22 @@ class PretrainConfig:
         if unknown:
             raise ConfigError(_unknown_key_message(source, sorted(unknown)[0], list(sections)))
         kwargs = {}
-        for name, section_cls in (("model", ModelSection), ("data", DataSection),
-                                  ("train", TrainSection)):
+        for name, section_cls in (
+            ("model", ModelSection),
+            ("data", DataSection),
+            ("train", TrainSection),
+        ):
             values = d.get(name) or {}
             if not isinstance(values, dict):
                 raise ConfigError(f"{source}: {name} must be a mapping, got {values!r}")
             known = [f.name for f in dataclasses.fields(section_cls)]
             for key in values:
                 if key not in known:
-                    raise ConfigError(_unknown_key_message(source, f"{name}.{key}",
-                                                           [f"{name}.{k}" for k in known]))
+                    raise ConfigError(
+                        _unknown_key_message(
+                            source, f"{name}.{key}", [f"{name}.{k}" for k in known]
+                        )
+                    )
             kwargs[name] = section_cls(**values)
         return cls(**kwargs)
 
@@ -105,13 +111,26 @@ def _unknown_key_message(source: str, key: str, allowed: list[str]) -> str:
 def validate(cfg: PretrainConfig) -> None:
     """Check values and their consistency; raise ConfigError naming the dotted key."""
     t = cfg.train
-    positive = ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_batches",
-                "keep_checkpoints", "log_every")
+    positive = (
+        "max_steps",
+        "batch_size",
+        "grad_accum",
+        "seq_len",
+        "eval_batches",
+        "keep_checkpoints",
+        "log_every",
+    )
     for name in positive:
         if getattr(t, name) <= 0:
             raise ConfigError(f"train.{name} must be > 0, got {getattr(t, name)}")
-    for name in ("eval_every", "checkpoint_every", "warmup_steps", "weight_decay", "grad_clip",
-                 "threads"):
+    for name in (
+        "eval_every",
+        "checkpoint_every",
+        "warmup_steps",
+        "weight_decay",
+        "grad_clip",
+        "threads",
+    ):
         if getattr(t, name) < 0:
             raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")
     if not t.lr > 0:
@@ -123,8 +142,11 @@ def validate(cfg: PretrainConfig) -> None:
             f"train.warmup_steps={t.warmup_steps} is larger than train.max_steps={t.max_steps}; "
             "lower the warmup or raise max_steps"
         )
-    choices = {"device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16"),
-               "compile": ("auto", "true", "false")}
+    choices = {
+        "device": ("auto", "cpu", "cuda"),
+        "dtype": ("auto", "float32", "bfloat16"),
+        "compile": ("auto", "true", "false"),
+    }
     for name, allowed in choices.items():
         value = str(getattr(t, name)).lower()
         if value not in allowed:
@@ -138,7 +160,9 @@ def validate(cfg: PretrainConfig) -> None:
             f"model.preset={cfg.model.preset!r} is not one of {sorted(PRESETS)}{hint}"
         )
     if not cfg.data.shards:
-        raise ConfigError("data.shards is empty; pass --data.shards DIR from `fmforge data prepare`")
+        raise ConfigError(
+            "data.shards is empty; pass --data.shards DIR from `fmforge data prepare`"
+        )
     if not Path(cfg.data.shards).is_dir():
         raise ConfigError(f"data.shards={cfg.data.shards} is not a directory")
 

@@ -1,4 +1,4 @@
-"""Model configs: the Llama family as a flat dataclass, named presets, and HF config.json both ways."""
+"""Model configs: the Llama family as a flat dataclass, presets, HF config.json both ways."""
 
 from __future__ import annotations
 
@@ -127,4 +127,3 @@ def preset_config(name: str, **overrides: Any) -> LlamaConfig:
     values = dict(PRESETS[name])
     values.update({k: v for k, v in overrides.items() if v is not None})
     return LlamaConfig(**values)
-

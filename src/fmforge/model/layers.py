@@ -32,8 +32,9 @@ def rope_cache(
     max_positions: int, head_dim: int, theta: float, device: torch.device | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (cos, sin), each (max_positions, head_dim), for rotate-half RoPE (Su et al. 2021)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device)
-                                .float() / head_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim)
+    )
     positions = torch.arange(max_positions, dtype=torch.int64, device=device).float()
     freqs = torch.outer(positions, inv_freq)  # (P, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (P, D): the rotate-half layout HF uses

@@ -150,7 +150,9 @@ def load_weights(model: torch.nn.Module, file: str | os.PathLike, strict: bool =
     try:
         state = load_file(str(file))
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{file}: not a readable safetensors file ({e}); re-export the model") from e
+        raise UserError(
+            f"{file}: not a readable safetensors file ({e}); re-export the model"
+        ) from e
     expected = model.state_dict()
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     if tied:
@@ -196,16 +198,20 @@ def save_model_dir(
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_json_atomic(tmp / "config.json", config.to_hf_dict())
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-                      "pad_token_id": config.pad_token_id}
+        generation = {
+            "bos_token_id": config.bos_token_id,
+            "eos_token_id": config.eos_token_id,
+            "pad_token_id": config.pad_token_id,
+        }
         write_json_atomic(tmp / "generation_config.json", generation)
         if tokenizer is not None:
             tokenizer.save(tmp)
         meta = dict(provenance or {})
         meta.setdefault("fmforge_version", __version__)
         meta["num_parameters"] = sum(
-            p.numel() for n, p in model.named_parameters() if n != "lm_head.weight"
-            or not config.tie_word_embeddings
+            p.numel()
+            for n, p in model.named_parameters()
+            if n != "lm_head.weight" or not config.tie_word_embeddings
         )
         if tokenizer is not None:
             meta["tokenizer_sha256"] = tokenizer.sha256

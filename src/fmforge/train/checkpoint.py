@@ -81,8 +81,11 @@ def list_checkpoints(checkpoint_root: Path) -> list[Path]:
     """Return `step-N` dirs sorted by N (oldest first), whether or not they verify."""
     if not checkpoint_root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in checkpoint_root.iterdir()
-             if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    found = [
+        (int(m.group(1)), p)
+        for p in checkpoint_root.iterdir()
+        if (m := _STEP_DIR.match(p.name)) and p.is_dir()
+    ]
     return [p for _, p in sorted(found)]
 
 

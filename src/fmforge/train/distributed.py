@@ -39,8 +39,9 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
 
-def setup_runtime(device: str = "auto", dtype: str = "auto", compile: str = "auto",
-                  threads: int = 0) -> Runtime:
+def setup_runtime(
+    device: str = "auto", dtype: str = "auto", compile: str = "auto", threads: int = 0
+) -> Runtime:
     """Pick device/dtype/compile from the config and the hardware; join torchrun's group."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -65,8 +66,15 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", compile: str = "aut
     if world_size > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if on_cuda else "gloo"
         torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world_size)
-    return Runtime(dev, autocast, use_compile, fused_adamw=on_cuda, rank=rank,
-                   world_size=world_size, local_rank=local_rank)
+    return Runtime(
+        dev,
+        autocast,
+        use_compile,
+        fused_adamw=on_cuda,
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+    )
 
 
 def wrap_model(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:

@@ -41,8 +41,9 @@ def build_model_config(cfg: PretrainConfig, vocab_size: int):
     return model_config
 
 
-def evaluate_loss(model: torch.nn.Module, tokens, batch_size: int, seq_len: int,
-                  max_batches: int | None) -> tuple[float, int]:
+def evaluate_loss(
+    model: torch.nn.Module, tokens, batch_size: int, seq_len: int, max_batches: int | None
+) -> tuple[float, int]:
     """Return (mean next-token loss in nats, tokens scored) over sequential val windows."""
     import torch.nn.functional as F
 
@@ -53,18 +54,26 @@ def evaluate_loss(model: torch.nn.Module, tokens, batch_size: int, seq_len: int,
     with torch.no_grad():
         for x, y in iter_eval_batches(tokens, batch_size, seq_len, max_batches):
             logits = model(x.to(device))
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(),
-                                   y.to(device).reshape(-1), reduction="sum")
+            loss = F.cross_entropy(
+                logits.view(-1, logits.size(-1)).float(), y.to(device).reshape(-1), reduction="sum"
+            )
             total += loss.item()
             count += y.numel()
     if count == 0:
-        raise UserError(f"validation split has fewer than {seq_len + 1} tokens; "
-                        "raise --val-fraction in `fmforge data prepare` or lower train.seq_len")
+        raise UserError(
+            f"validation split has fewer than {seq_len + 1} tokens; "
+            "raise --val-fraction in `fmforge data prepare` or lower train.seq_len"
+        )
     return total / count, count
 
 
-def pretrain(cfg: PretrainConfig, out: str | Path, resume: str = "never",
-             overwrite: bool = False, progress: bool | None = None) -> dict[str, Any]:
+def pretrain(
+    cfg: PretrainConfig,
+    out: str | Path,
+    resume: str = "never",
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> dict[str, Any]:
     """Train a decoder from scratch (or `model.init_from`) and write the run dir; return summary."""
     from fmforge.cost.flops import training_flops_per_token
     from fmforge.data.pack import BatchSampler, TokenShards
@@ -85,12 +94,18 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: str = "never",
     tokenizer = shards.tokenizer()
     model_config = build_model_config(cfg, tokenizer.vocab_size)
     cfg.model.vocab_size = model_config.vocab_size
-    runtime = setup_runtime(cfg.train.device, cfg.train.dtype, str(cfg.train.compile).lower(),
-                            cfg.train.threads)
+    runtime = setup_runtime(
+        cfg.train.device, cfg.train.dtype, str(cfg.train.compile).lower(), cfg.train.threads
+    )
     train_tokens = shards.split("train")
-    sampler = BatchSampler(train_tokens, cfg.train.batch_size, cfg.train.seq_len,
-                           seed=cfg.train.seed, rank=runtime.rank,
-                           world_size=runtime.world_size)
+    sampler = BatchSampler(
+        train_tokens,
+        cfg.train.batch_size,
+        cfg.train.seq_len,
+        seed=cfg.train.seed,
+        rank=runtime.rank,
+        world_size=runtime.world_size,
+    )
     val_tokens = shards.split("val")
 
     torch.manual_seed(cfg.train.seed)
@@ -98,8 +113,10 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: str = "never",
     if cfg.model.init_from:
         base = load_model_dir(cfg.model.init_from)
         if base.tokenizer is not None and base.tokenizer.sha256 != tokenizer.sha256:
-            raise ConfigError(f"model.init_from={cfg.model.init_from} uses a different tokenizer "
-                              "than data.shards; prepare the shards with that model's tokenizer")
+            raise ConfigError(
+                f"model.init_from={cfg.model.init_from} uses a different tokenizer "
+                "than data.shards; prepare the shards with that model's tokenizer"
+            )
         model.load_state_dict(base.model.state_dict())
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -107,13 +124,21 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: str = "never",
         (run_dir / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
 
     def eval_fn(m: torch.nn.Module) -> dict[str, float]:
-        loss, _ = evaluate_loss(m, val_tokens, cfg.train.batch_size, cfg.train.seq_len,
-                                cfg.train.eval_batches)
+        loss, _ = evaluate_loss(
+            m, val_tokens, cfg.train.batch_size, cfg.train.seq_len, cfg.train.eval_batches
+        )
         return {"val_loss": loss}
 
     trainer = Trainer(
-        model, cfg.train, run_dir, sampler, causal_lm_loss,
-        eval_fn=eval_fn, config_dict=cfg.to_dict(), runtime=runtime, progress=progress,
+        model,
+        cfg.train,
+        run_dir,
+        sampler,
+        causal_lm_loss,
+        eval_fn=eval_fn,
+        config_dict=cfg.to_dict(),
+        runtime=runtime,
+        progress=progress,
         flops_per_token=training_flops_per_token(model_config, cfg.train.seq_len),
     )
     summary = trainer.fit(resume=resuming)
@@ -122,9 +147,12 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: str = "never",
     provenance = {
         "training": summary,
         "config": cfg.to_dict(),
-        "data": {"shards": str(cfg.data.shards), "tokenizer_sha256": shards.meta.get(
-            "tokenizer_sha256"), "sources": shards.meta.get("sources"),
-            "train_tokens": int(len(train_tokens))},
+        "data": {
+            "shards": str(cfg.data.shards),
+            "tokenizer_sha256": shards.meta.get("tokenizer_sha256"),
+            "sources": shards.meta.get("sources"),
+            "train_tokens": int(len(train_tokens)),
+        },
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     save_model_dir(model, tokenizer, run_dir / "final", provenance, overwrite=True)
@@ -133,8 +161,9 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: str = "never",
     return summary
 
 
-def write_report(run_dir: Path, history: list[dict[str, Any]], summary: dict[str, Any],
-                 model_config) -> None:
+def write_report(
+    run_dir: Path, history: list[dict[str, Any]], summary: dict[str, Any], model_config
+) -> None:
     """Write plots/loss.png and report.md for a run."""
     from fmforge.cost.flops import num_params
 
@@ -150,8 +179,10 @@ def write_report(run_dir: Path, history: list[dict[str, Any]], summary: dict[str
         f"- final train loss: {summary['final_loss']:.4f}",
     ]
     if "val_loss" in summary:
-        lines.append(f"- final validation loss: {summary['val_loss']:.4f} nats/token "
-                     f"(perplexity {math.exp(summary['val_loss']):.1f})")
+        lines.append(
+            f"- final validation loss: {summary['val_loss']:.4f} nats/token "
+            f"(perplexity {math.exp(summary['val_loss']):.1f})"
+        )
     if summary.get("tokens_per_second"):
         lines.append(f"- throughput: {summary['tokens_per_second']:,.0f} tokens/s (median)")
     if summary.get("mfu") is not None:
@@ -182,4 +213,3 @@ def plot_loss(history: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-

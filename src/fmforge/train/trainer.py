@@ -89,8 +89,9 @@ class Trainer:
     ):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.runtime = runtime or setup_runtime(cfg.device, cfg.dtype, str(cfg.compile).lower(),
-                                                cfg.threads)
+        self.runtime = runtime or setup_runtime(
+            cfg.device, cfg.dtype, str(cfg.compile).lower(), cfg.threads
+        )
         self.model = model.to(self.runtime.device)
         self.batches = batches
         self.loss_fn = loss_fn
@@ -99,7 +100,11 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.trainable = list(trainable) if trainable is not None else None
         self.optimizer = build_optimizer(
-            self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.trainable,
+            self.model,
+            cfg.lr,
+            cfg.weight_decay,
+            (cfg.beta1, cfg.beta2),
+            self.trainable,
             fused=self.runtime.fused_adamw,
         )
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -122,8 +127,12 @@ class Trainer:
             "config": self.config_dict,
         }
         return ckpt.save_checkpoint(
-            self.run_dir / "checkpoints", self.step, trainable_weights(self.model),
-            self.optimizer.state_dict(), state, keep=self.cfg.keep_checkpoints,
+            self.run_dir / "checkpoints",
+            self.step,
+            trainable_weights(self.model),
+            self.optimizer.state_dict(),
+            state,
+            keep=self.cfg.keep_checkpoints,
         )
 
     def resume(self) -> bool:
@@ -194,8 +203,13 @@ class Trainer:
             )
         compute_model = wrap_model(self.model, self.runtime)
         self.model.train()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.progress,
-                   unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            disable=not self.progress,
+            unit="step",
+            dynamic_ncols=True,
+        )
         started = time.perf_counter()
         window_seconds, window_tokens = 0.0, 0  # training time only: evals and saves excluded
         loss_value = float("nan")
@@ -228,16 +242,25 @@ class Trainer:
                 record: dict[str, Any] | None = None
                 if self.step % cfg.log_every == 0 or last or self.step == 1:
                     tps = window_tokens / window_seconds if window_seconds > 0 else 0.0
-                    record = {"step": self.step, "tokens": self.tokens, "loss": loss_value,
-                              "lr": lr, "tokens_per_second": round(tps, 2)}
+                    record = {
+                        "step": self.step,
+                        "tokens": self.tokens,
+                        "loss": loss_value,
+                        "lr": lr,
+                        "tokens_per_second": round(tps, 2),
+                    }
                     if grad_norm is not None:
                         record["grad_norm"] = grad_norm
                     if peak_flops:
                         record["mfu"] = round(tps * self.flops_per_token / peak_flops, 4)
                     window_seconds, window_tokens = 0.0, 0
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or last):
-                    record = record or {"step": self.step, "tokens": self.tokens,
-                                        "loss": loss_value, "lr": lr}
+                    record = record or {
+                        "step": self.step,
+                        "tokens": self.tokens,
+                        "loss": loss_value,
+                        "lr": lr,
+                    }
                     record.update(self.evaluate())
                 if record is not None:
                     self._log(record)
@@ -247,8 +270,11 @@ class Trainer:
         except KeyboardInterrupt:
             bar.close()
             path = self.save_checkpoint()
-            print(f"\nfmforge: interrupted at step {self.step}; checkpoint {path}; "
-                  "continue with --resume auto", file=sys.stderr)
+            print(
+                f"\nfmforge: interrupted at step {self.step}; checkpoint {path}; "
+                "continue with --resume auto",
+                file=sys.stderr,
+            )
             raise
         bar.close()
         seconds = time.perf_counter() - started
@@ -262,8 +288,9 @@ class Trainer:
             "peak_flops": peak_flops,
         }
         if peak_flops and summary["tokens_per_second"]:
-            summary["mfu"] = round(summary["tokens_per_second"] * self.flops_per_token
-                                   / peak_flops, 4)
+            summary["mfu"] = round(
+                summary["tokens_per_second"] * self.flops_per_token / peak_flops, 4
+            )
         evals = [r for r in self.history if any(k.startswith("val_") for k in r)]
         if evals:
             summary.update({k: v for k, v in evals[-1].items() if k.startswith("val_")})

@@ -1,0 +1,110 @@
+"""Training tokens/s: fmforge's Llama vs `transformers.LlamaForCausalLM` (sdpa), same everything.
+
+Same dims, weights, batch, sequence length, data and thread count; fp32 on CPU. Both sides run
+forward + cross-entropy + backward + AdamW step, alternating, after warm-up; medians of repeats.
+MFU is quoted against an fp32 matmul measured in this run. The last line is `ratio=X`
+(fmforge tokens/s ÷ transformers tokens/s; higher is better).
+
+    .venv/bin/python bench/train_throughput.py [--preset small] [--batch-size 16] [--seq-len 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fmforge.cost.flops import training_flops_per_token
+from fmforge.model.config import preset_config
+from fmforge.model.llama import LlamaForCausalLM
+from fmforge.train.trainer import measure_matmul_flops
+
+
+def make_step(model, logits_of, x, y, vocab):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+
+    def step():
+        loss = F.cross_entropy(logits_of(model, x).view(-1, vocab), y.reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def timed(step) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    step()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+
+    config = preset_config(args.preset)
+    torch.manual_seed(0)
+    ours = LlamaForCausalLM(config)
+    hf_config = transformers.LlamaConfig(**config.to_hf_dict())
+    hf_config._attn_implementation = "sdpa"
+    theirs = transformers.LlamaForCausalLM(hf_config)
+    theirs.load_state_dict(ours.state_dict(), strict=False)
+    x = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len))
+    y = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len))
+    with torch.no_grad():
+        diff = (ours(x[:2]) - theirs(x[:2]).logits).abs().max().item()
+    print(
+        f"threads={torch.get_num_threads()} preset={args.preset} batch={args.batch_size} "
+        f"seq_len={args.seq_len} logits max abs diff={diff:.2e}"
+    )
+    assert diff < 1e-4, "the two models disagree; not timing"
+
+    steps = {
+        "fmforge": make_step(ours, lambda m, t: m(t), x, y, config.vocab_size),
+        "transformers": make_step(
+            theirs, lambda m, t: m(input_ids=t).logits, x, y, config.vocab_size
+        ),
+    }
+    for step in steps.values():  # warm-up
+        step()
+        step()
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
+    peaks = []
+    for _ in range(args.repeats):
+        peaks.append(measure_matmul_flops(1024))
+        for name, step in steps.items():  # alternate so co-tenant noise hits both
+            times[name].append(timed(step))
+    peak = statistics.median(peaks)
+    flops_per_token = training_flops_per_token(config, args.seq_len)
+    tokens = args.batch_size * args.seq_len
+    print(
+        f"matmul peak (measured, fp32, median): {peak / 1e9:.1f} GFLOP/s; "
+        f"{flops_per_token / 1e6:.1f} MFLOP/token"
+    )
+    rates = {}
+    for name, samples in times.items():
+        walls = sorted(w for w, _ in samples)
+        cpu_ratio = statistics.median(c / w for w, c in samples)
+        rates[name] = tokens / statistics.median(walls)
+        print(
+            f"{name:>12}: {rates[name]:8.0f} tokens/s (min/median/max step "
+            f"{walls[0]:.3f}/{statistics.median(walls):.3f}/{walls[-1]:.3f} s), "
+            f"MFU {100 * rates[name] * flops_per_token / peak:.1f}%, cpu/wall {cpu_ratio:.2f}"
+        )
+    print(f"ratio={rates['fmforge'] / rates['transformers']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
