@@ -589,6 +589,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fmforge: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `fmforge ... | head`
+        sys.stderr.close()
+        return 0
     return int(code or 0)
 
 

@@ -189,7 +189,36 @@ def write_report(
         lines.append(f"- MFU: {100 * summary['mfu']:.1f}% of a matmul measured in the same run")
     lines.append(f"- wall time: {summary['seconds']:.1f} s")
     lines += ["", "![loss](plots/loss.png)", ""]
+    lines += cost_lines(summary, model_config)
     (run_dir / "report.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def cost_lines(summary: dict[str, Any], model_config) -> list[str]:
+    """Return Markdown lines: this run's FLOPs and what they would cost on catalog GPUs."""
+    from fmforge.cost.calculator import catalog_costs
+    from fmforge.cost.flops import training_flops_per_token
+
+    seq_len = summary.get("seq_len")
+    mfu = summary.get("mfu")
+    if not seq_len or not mfu:
+        return []
+    total = training_flops_per_token(model_config, seq_len) * summary["tokens"]
+    lines = [
+        "## What this run would cost elsewhere",
+        "",
+        f"{total:.3g} training FLOPs (6N + attention, per token x {summary['tokens']:,} tokens). "
+        f"At the MFU measured here ({100 * mfu:.1f}%) on each catalog accelerator, at its "
+        "typical on-demand price (edit `fmforge/cost/gpus.json`):",
+        "",
+        "| accelerator | dtype | GPU-hours | cost (USD) | energy (kWh) |",
+        "|---|---|---|---|---|",
+    ]
+    for row in catalog_costs(total, mfu=min(mfu, 1.0)):
+        lines.append(
+            f"| {row['gpu']} | {row['dtype']} | {row['gpu_hours']:.3g} | "
+            f"{row['cost_usd']:.3g} | {row['energy_kwh']:.3g} |"
+        )
+    return [*lines, ""]
 
 
 def plot_loss(history: list[dict[str, Any]], path: Path) -> None:

@@ -286,6 +286,7 @@ class Trainer:
             "seconds": round(seconds, 2),
             "tokens_per_second": round(sorted(steady)[len(steady) // 2], 2) if steady else None,
             "peak_flops": peak_flops,
+            "seq_len": getattr(self.batches, "seq_len", None),
         }
         if peak_flops and summary["tokens_per_second"]:
             summary["mfu"] = round(
