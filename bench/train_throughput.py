@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from fmforge.cost.flops import training_flops_per_token
 from fmforge.model.config import preset_config
 from fmforge.model.llama import LlamaForCausalLM
+from fmforge.train.optim import build_optimizer
 from fmforge.train.trainer import measure_matmul_flops
 
 
-def make_step(model, logits_of, x, y, vocab):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+def make_step(model, logits_of, x, y, vocab, opt):
 
     def step():
         loss = F.cross_entropy(logits_of(model, x).view(-1, vocab), y.reshape(-1))
@@ -71,10 +71,14 @@ def main() -> None:
     )
     assert diff < 1e-4, "the two models disagree; not timing"
 
+    # Each side's own optimizer: fmforge's trainer builds fused AdamW with decay groups;
+    # fused AdamW is also transformers' Trainer default (optim="adamw_torch_fused").
+    ours_opt = build_optimizer(ours, 1e-4, 0.1, (0.9, 0.95), fused=True)
+    theirs_opt = torch.optim.AdamW(theirs.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     steps = {
-        "fmforge": make_step(ours, lambda m, t: m(t), x, y, config.vocab_size),
+        "fmforge": make_step(ours, lambda m, t: m(t), x, y, config.vocab_size, ours_opt),
         "transformers": make_step(
-            theirs, lambda m, t: m(input_ids=t).logits, x, y, config.vocab_size
+            theirs, lambda m, t: m(input_ids=t).logits, x, y, config.vocab_size, theirs_opt
         ),
     }
     for step in steps.values():  # warm-up

@@ -1,6 +1,7 @@
 """Devices, dtypes and process groups, chosen in one place.
 
-CPU: fp32, no compile. CUDA: bf16 autocast, fused AdamW and torch.compile switch on by themselves.
+CPU: fp32, fused AdamW, no compile. CUDA: bf16 autocast, fused AdamW and torch.compile switch on
+by themselves.
 Under `torchrun` (WORLD_SIZE > 1) the process group is initialised (NCCL on CUDA, Gloo on CPU) and
 the model is wrapped in DDP from outside; the model file knows nothing about it.
 """
@@ -70,7 +71,7 @@ def setup_runtime(
         dev,
         autocast,
         use_compile,
-        fused_adamw=on_cuda,
+        fused_adamw=True,  # CPU and CUDA kernels; also transformers' Trainer default
         rank=rank,
         world_size=world_size,
         local_rank=local_rank,
