@@ -113,3 +113,24 @@ def test_train_from_inputs(tmp_path):
     )
     with pytest.raises(UserError, match="not empty"):
         train_from_inputs([str(tmp_path / "missing")], vocab_size=300, out=str(out))
+
+
+hypothesis = pytest.importorskip("hypothesis")
+
+
+@hypothesis.settings(max_examples=200, deadline=None)
+@hypothesis.given(hypothesis.strategies.text())
+def test_round_trip_any_text(text):
+    tok = _shared_tokenizer()
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert not set(ids) & tok.special_ids
+
+
+_CACHE: dict = {}
+
+
+def _shared_tokenizer() -> Tokenizer:
+    if "tok" not in _CACHE:
+        _CACHE["tok"] = train_tokenizer(CORPUS, vocab_size=400, min_frequency=1)
+    return _CACHE["tok"]
