@@ -52,7 +52,7 @@ class TrainSection:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     eval_every: int = 100  # steps between validation passes; 0 disables
     eval_batches: int = 20  # validation batches per pass
-    checkpoint_every: int = 100  # steps between checkpoints; 0 keeps only the final one
+    checkpoint_every: int = 100  # steps between checkpoints (and the last step); 0: none
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     log_every: int = 10  # steps between metrics.jsonl records
     seed: int = 1337  # seeds init, data order and sampling

@@ -18,14 +18,14 @@ from fmforge.artifacts import check_output_dir, write_json_atomic
 # Sized for ~6 minutes of training on 2 CPU cores (about 1M tokens for the `small` preset).
 QUICKSTART_TRAIN = {
     "small": dict(
-        max_steps=240,
-        batch_size=16,
+        max_steps=480,
+        batch_size=8,
         seq_len=256,
         lr=3e-3,
-        warmup_steps=20,
-        eval_every=80,
-        eval_batches=8,
-        checkpoint_every=80,
+        warmup_steps=40,
+        eval_every=160,
+        eval_batches=16,
+        checkpoint_every=160,
         log_every=10,
     ),
     "tiny": dict(

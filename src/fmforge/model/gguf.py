@@ -210,7 +210,10 @@ def load_gguf(path: str | os.PathLike) -> LoadedModel:
     missing = set(model.state_dict()) - set(state) - {"lm_head.weight"}
     if missing:
         raise UserError(f"{path}: GGUF lacks tensors {sorted(missing)[:3]}")
-    model.load_state_dict(state, strict=False, assign=True)
+    try:
+        model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # shape mismatches: metadata and tensors disagree
+        raise UserError(f"{path}: tensors do not match the GGUF metadata ({e})") from e
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     from fmforge.model.layers import rope_cache

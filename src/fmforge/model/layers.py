@@ -48,7 +48,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, T, heads, D) by cos/sin broadcastable to it ((T, 1, D) or (B, T, 1, D))."""
+    """Rotate x (B, heads, T, D) by cos/sin broadcastable to it ((T, D) or (B, 1, T, D))."""
     return x * cos + rotate_half(x) * sin
 
 

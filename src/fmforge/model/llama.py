@@ -22,11 +22,6 @@ from fmforge.model.kv_cache import KVCache
 from fmforge.model.layers import RMSNorm, apply_rope, attention, rope_cache
 
 
-def _plain(*modules: nn.Module) -> bool:
-    """True when every module is an untouched nn.Linear (so weights may be concatenated)."""
-    return all(type(m) is nn.Linear for m in modules)
-
-
 class LlamaMLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
@@ -38,13 +33,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(f, c, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _plain(self.gate_proj, self.up_proj):
-            # One matmul for both input projections: fewer, larger GEMMs run faster on CPU.
-            w = torch.cat((self.gate_proj.weight, self.up_proj.weight))  # (2F, C)
-            gate, up = F.linear(x, w).chunk(2, dim=-1)  # (B, T, F) each
-        else:  # projections wrapped by a transformation (e.g. LoRA): call them as modules
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LlamaAttention(nn.Module):
@@ -74,17 +63,11 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         b, t, _ = x.shape
         h, kv, d = self.n_head, self.n_kv, self.head_dim
-        if _plain(self.q_proj, self.k_proj, self.v_proj):
-            # One matmul for q, k and v, and one RoPE over the q and k heads together.
-            w = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
-            qkv = F.linear(x, w).view(b, t, h + 2 * kv, d)  # (B, T, H+2K, D)
-            qk = apply_rope(qkv[:, :, : h + kv], cos, sin)  # (B, T, H+K, D)
-            q, k, v = qk[:, :, :h], qk[:, :, h:], qkv[:, :, h + kv :]
-        else:  # projections wrapped by a transformation (e.g. LoRA): call them as modules
-            q = apply_rope(self.q_proj(x).view(b, t, h, d), cos, sin)  # (B, T, H, D)
-            k = apply_rope(self.k_proj(x).view(b, t, kv, d), cos, sin)  # (B, T, K, D)
-            v = self.v_proj(x).view(b, t, kv, d)  # (B, T, K, D)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
+        q = self.q_proj(x).view(b, t, h, d).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(b, t, kv, d).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(b, t, kv, d).transpose(1, 2)  # (B, K, T, D)
+        # RoPE writes q and k out contiguous in (B, heads, T, D), the layout SDPA runs fastest on.
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, start, k, v)  # (B, K, S, D)
         # Causal without a mask only when queries and keys are the same positions.
@@ -174,13 +157,12 @@ class LlamaForCausalLM(nn.Module):
                 f"sequence of {start + t} tokens exceeds the model's context of "
                 f"{self.config.max_position_embeddings}"
             )
-        # RoPE tables broadcast over (B, T, heads, D): shaped (T, 1, D) or (B, T, 1, D).
+        # RoPE tables broadcast over (B, heads, T, D): shaped (T, D) or (B, 1, T, D).
         if position_ids is None:
-            cos = self.rope_cos[start : start + t].unsqueeze(1)  # (T, 1, D)
-            sin = self.rope_sin[start : start + t].unsqueeze(1)
+            cos, sin = self.rope_cos[start : start + t], self.rope_sin[start : start + t]
         else:
-            cos = self.rope_cos[position_ids].unsqueeze(2)  # (B, T, 1, D)
-            sin = self.rope_sin[position_ids].unsqueeze(2)
+            cos = self.rope_cos[position_ids].unsqueeze(1)  # (B, 1, T, D)
+            sin = self.rope_sin[position_ids].unsqueeze(1)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache, start)
         x = self.model.norm(x)

@@ -44,11 +44,14 @@ class BatchSource(Protocol):
 
 
 def trainable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Return the state dict to checkpoint: every tensor once (a tied lm_head is dropped)."""
-    state = model.state_dict()
-    config = getattr(model, "config", None)
-    if getattr(config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
+    """Return the state dict to checkpoint with every tensor once (tied copies are dropped)."""
+    state, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            continue  # e.g. an lm_head tied to the embedding: restored by the tie itself
+        seen.add(key)
+        state[name] = tensor
     return state
 
 
@@ -264,9 +267,8 @@ class Trainer:
                     record.update(self.evaluate())
                 if record is not None:
                     self._log(record)
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not last:
+                if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or last):
                     self.save_checkpoint()
-            self.save_checkpoint()
         except KeyboardInterrupt:
             bar.close()
             path = self.save_checkpoint()
