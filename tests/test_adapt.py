@@ -5,18 +5,21 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from fmforge.adapt.classifier import (
     PATTERNS,
+    Encoded,
+    ExampleBatches,
     VerbalizerClassifier,
     collate,
     encode,
     label_token_ids,
 )
 from fmforge.adapt.methods import build_classifier, run_method
-from fmforge.adapt.training import AdaptOptions, train_classifier
+from fmforge.adapt.training import COMPARE_STEP_SCALE, AdaptOptions, train_classifier
 from fmforge.cli import main
 from fmforge.data.tasks import load_task
 
@@ -201,4 +204,19 @@ def test_compare_writes_results_report_and_plot(tiny_model_dir, task_file, tmp_p
     assert all(keys <= set(r) for r in rows)
     assert {r["method"] for r in rows} == {"majority", "linear-probe", "lora", "icl", "ensemble"}
     assert (out / "accuracy_vs_examples.png").stat().st_size > 0
-    assert "| majority |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| majority |" in report and "standard errors" in report
+    steps = {r["method"]: r["steps"] for r in rows if "steps" in r}
+    assert steps == {"linear-probe": 2, "lora": 2 * COMPARE_STEP_SCALE["lora"]}
+
+
+def test_example_batches_bucket_by_length_and_cover_each_epoch():
+    lengths = [1 + (i * 37) % 90 for i in range(64)]
+    data = Encoded([[5] * n for n in lengths], [i % 2 for i in range(64)])
+    batches = ExampleBatches(data, batch_size=4, seed=3)
+    order = batches._epoch_order()
+    assert sorted(order.tolist()) == list(range(64))  # a permutation: every example once
+    spread = [np.ptp([lengths[i] for i in order[j : j + 4]]) for j in range(0, 64, 4)]
+    assert max(spread) < 30  # batches hold similar lengths (random batches span ~80)
+    again = ExampleBatches(data, batch_size=4, seed=3)
+    assert torch.equal(batches.next_batch()["input_ids"], again.next_batch()["input_ids"])

@@ -85,7 +85,25 @@ class ExampleBatches:
         self._order = self._epoch_order()
 
     def _epoch_order(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.data.ids))
+        """A seeded permutation, length-bucketed: batches hold prompts of similar length.
+
+        Shuffle, sort each window of 16 batches by length, cut it into batches, shuffle the
+        batches. Right-padding then costs little (fortunes run 25-140 tokens), which makes a
+        training step about twice as fast on CPU without changing what a batch samples.
+        """
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.data.ids))
+        size = self.batch_size
+        if len(order) <= size:
+            return order
+        lengths = np.array([len(self.data.ids[i]) for i in order])
+        window = 16 * size
+        batches = []
+        for start in range(0, len(order), window):
+            chunk = order[start : start + window]
+            chunk = chunk[np.argsort(lengths[start : start + window], kind="stable")]
+            batches += [chunk[i : i + size] for i in range(0, len(chunk), size)]
+        return np.concatenate([batches[i] for i in rng.permutation(len(batches))])
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         picked = []
@@ -159,29 +177,34 @@ class VerbalizerClassifier(_LMClassifier):
         self.first_token_only = len(set(first)) == len(first)
         self.register_buffer("first_ids", torch.tensor(first), persistent=False)
 
-    def _logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Return next-token logits (B, T, V) for the prompt positions only."""
+    def _logits(self, input_ids: torch.Tensor, hidden: bool = False) -> torch.Tensor:
+        """Return next-token logits (B, T, V) of the prompt (or its hidden states (B, T, C))."""
         lm = self.lm
         if self.soft_prompt is not None:
             embeds = self.soft_prompt(lm.model.embed_tokens(input_ids))  # (B, n + T, C)
-            return lm(None, inputs_embeds=embeds)[:, self.soft_prompt.num_tokens :]
+            out = lm(None, inputs_embeds=embeds, return_hidden=hidden)
+            return out[:, self.soft_prompt.num_tokens :]
         if not self.prefix_ids:
-            return lm(input_ids)
+            return lm(input_ids, return_hidden=hidden)
         # k-shot: run the demonstrations once, copy their keys/values to every row.
         b, t = input_ids.shape
         p = len(self.prefix_ids)
         cache = lm.new_cache(b, p + t)
-        lm(torch.tensor([self.prefix_ids], device=input_ids.device), cache=cache, start=0)
+        prefix = torch.tensor([self.prefix_ids], device=input_ids.device)
+        lm(prefix, cache=cache, start=0, return_hidden=True)  # fills the cache; output unused
         cache.k[:, 1:b, :, :p] = cache.k[:, :1, :, :p]  # (layers, B, K, P, D)
         cache.v[:, 1:b, :, :p] = cache.v[:, :1, :, :p]
         mask = torch.ones(t, p + t, dtype=torch.bool, device=input_ids.device).tril(diagonal=p)
-        return lm(input_ids, cache=cache, start=p, mask=mask[None, None])  # (B, T, V)
+        return lm(input_ids, cache=cache, start=p, mask=mask[None, None], return_hidden=hidden)
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         b, t = input_ids.shape
         rows = torch.arange(b, device=input_ids.device)
         if self.first_token_only:
-            last = self._logits(input_ids)[rows, lengths - 1]  # (B, V)
+            # Only the last position is scored: project just it through the LM head.
+            last = self.lm.lm_head(
+                self._logits(input_ids, hidden=True)[rows, lengths - 1]
+            )  # (B, V)
             return F.log_softmax(last.float(), dim=-1)[:, self.first_ids]  # (B, L)
         # Score each label's whole word: B * L sequences prompt + label.
         n_labels, longest = len(self.label_ids), max(len(x) for x in self.label_ids)

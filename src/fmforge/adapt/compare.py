@@ -7,6 +7,7 @@ shows) and `accuracy_vs_examples.png`.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import asdict
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fmforge.adapt.methods import METHODS, TRAINED, check_method, run_method
-from fmforge.adapt.training import AdaptOptions
+from fmforge.adapt.training import COMPARE_STEP_SCALE, AdaptOptions
 from fmforge.artifacts import check_output_dir, write_json_atomic
 from fmforge.data.tasks import load_task
 from fmforge.errors import UserError
@@ -74,7 +75,8 @@ def compare(
                 shots = len(task.labels)
                 record(run_method("ensemble", loaded, task, _with(options, shots=shots)).row)
             else:
-                record(run_method(method, loaded, task, options).row)
+                steps = options.max_steps * COMPARE_STEP_SCALE.get(method, 1)
+                record(run_method(method, loaded, task, _with(options, max_steps=steps)).row)
     seconds = time.perf_counter() - started
     out.mkdir(parents=True, exist_ok=True)
     result = {
@@ -126,6 +128,15 @@ def plot_accuracy(rows: list[dict], path: Path, task_name: str) -> None:
     plt.close(fig)
 
 
+def _accs(rows: list[dict], method: str) -> list[float]:
+    return [r["accuracy"] for r in rows if r["method"] == method]
+
+
+def _scale_text() -> str:
+    scales = sorted(set(COMPARE_STEP_SCALE.values()))
+    return " / ".join(f"{s}x" for s in scales)
+
+
 def report_markdown(result: dict[str, Any]) -> str:
     """Return report.md: the table, then what it shows (honestly, including failures)."""
     rows = result["rows"]
@@ -136,15 +147,18 @@ def report_markdown(result: dict[str, Any]) -> str:
         "",
         f"Every method on the same seeded splits ({result['test_examples']} test examples, "
         f"labels {', '.join(result['labels'])}), seed {result['seed']}, "
-        f"{result['options']['max_steps']} steps of batch {result['options']['batch_size']} "
-        f"for methods that train. Total {result['seconds']:.0f} s.",
+        f"batch {result['options']['batch_size']}; methods that train run "
+        f"{result['options']['max_steps']} steps (lora, pet, prompt-tuning "
+        f"{_scale_text()}: see `steps`). Total {result['seconds']:.0f} s.",
         "",
-        "| method | examples/class | shots | accuracy | trainable params | train s | peak MB |",
-        "|---|---|---|---|---|---|---|",
+        "| method | examples/class | shots | steps | accuracy | trainable params | train s "
+        "| peak MB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['examples_per_class']} | {r.get('shots', '')} | "
+            f"{r.get('steps', '')} | "
             f"{r['accuracy']:.3f} | {r['trainable_params']:,} | {r['train_seconds']:.1f} | "
             f"{r['peak_memory_mb']:.0f} |"
         )
@@ -161,6 +175,15 @@ def report_markdown(result: dict[str, Any]) -> str:
         )
         lines.append(
             f"- Trained methods that beat the baseline (best K): {', '.join(beat) or 'none'}."
+        )
+        n = max(1, result["test_examples"])
+        margin = 2 * math.sqrt(max(base_acc * (1 - base_acc), 1e-6) / n)
+        clear = [m for m in beat if max(_accs(trained, m)) > base_acc + margin]
+        marginal = [m for m in beat if m not in clear]
+        lines.append(
+            f"- With {n} test examples, chance wobbles by about +-{margin:.3f} (two binomial "
+            f"standard errors at the baseline). Clearly above it: {', '.join(clear) or 'none'}"
+            + (f"; above it only within that noise: {', '.join(marginal)}." if marginal else ".")
         )
         for method in missed:
             lines.append(
@@ -179,7 +202,12 @@ def report_markdown(result: dict[str, Any]) -> str:
     shot = [r for r in icl if r["examples_per_class"]]
     if zero and shot:
         best_shot = max(r["accuracy"] for r in shot)
-        verdict = "beats" if best_shot > zero[0]["accuracy"] else "does not beat"
+        n = max(1, result["test_examples"])
+        noise = 2 * math.sqrt(max(base_acc * (1 - base_acc), 1e-6) / n)
+        if abs(best_shot - zero[0]["accuracy"]) <= noise:
+            verdict = "is within test noise of"
+        else:
+            verdict = "beats" if best_shot > zero[0]["accuracy"] else "does not beat"
         lines.append(
             f"- In-context learning: k-shot ({best_shot:.3f}) {verdict} 0-shot "
             f"({zero[0]['accuracy']:.3f})."
