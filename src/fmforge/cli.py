@@ -18,6 +18,7 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
+from fmforge.adapt import METHODS
 from fmforge.errors import UserError
 
 Handler = Callable[[Namespace], int | None]
@@ -594,17 +595,6 @@ def _feedback_export(args: Namespace) -> None:
 
 GROUPS["adapt"] = "Adapt a base model to a task: methods, compare, recommend."
 GROUPS["experiment"] = "Reproducible experiments that write a report dir."
-ADAPT_METHODS = (
-    "majority",
-    "full",
-    "freeze",
-    "linear-probe",
-    "lora",
-    "prompt-tuning",
-    "pet",
-    "icl",
-    "ensemble",
-)  # = fmforge.adapt.methods.METHODS (kept here so --help does not import torch)
 
 
 def _add_adapt_options(p: ArgumentParser, steps: int = 60) -> None:
@@ -731,7 +721,7 @@ def _adapt_handler(method: str) -> Handler:
     return handle
 
 
-for _method in ADAPT_METHODS:
+for _method in METHODS:
     command(f"adapt {_method}", _adapt_method_parser(_method))(_adapt_handler(_method))
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fmforge.adapt import METHODS
 from fmforge.adapt.classifier import (
     PATTERNS,
     HeadClassifier,
@@ -43,17 +44,6 @@ from fmforge.adapt.training import METHOD_LR, AdaptOptions, Measure, train_class
 from fmforge.data.tasks import Task
 from fmforge.errors import UserError
 
-METHODS = [
-    "majority",
-    "full",
-    "freeze",
-    "linear-probe",
-    "lora",
-    "prompt-tuning",
-    "pet",
-    "icl",
-    "ensemble",
-]
 TRAINED = ("full", "freeze", "linear-probe", "lora", "prompt-tuning", "pet")
 
 
