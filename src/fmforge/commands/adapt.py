@@ -1,0 +1,217 @@
+"""Adaptation commands: fmforge adapt METHOD|compare|recommend, eval, experiment."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from jsonargparse import ArgumentParser, Namespace
+
+from fmforge.adapt import METHODS
+from fmforge.commands import GROUPS, Handler, command, new_parser, print_json
+from fmforge.errors import UserError
+
+# ---------------------------------------------------------------------------------------------
+# Adaptation lab (fmforge adapt METHOD|compare|recommend), eval, experiments.
+# ---------------------------------------------------------------------------------------------
+
+GROUPS["adapt"] = "Adapt a base model to a task: methods, compare, recommend."
+GROUPS["experiment"] = "Reproducible experiments that write a report dir."
+
+
+def _add_adapt_options(p: ArgumentParser, steps: int = 60) -> None:
+    p.add_argument("--max-steps", type=int, default=steps, help="optimizer steps (trained methods)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per step")
+    p.add_argument("--lr", type=float, default=None, help="peak LR (default: per method)")
+    p.add_argument("--seed", type=int, default=0, help="splits, demonstrations, init, order")
+    p.add_argument("--max-text-tokens", type=int, default=96, help="cut each input to this")
+    p.add_argument("--rank", type=int, default=8, help="lora/pet: rank r")
+    p.add_argument("--alpha", type=float, default=16.0, help="lora/pet: alpha (scale alpha/r)")
+    p.add_argument("--dropout", type=float, default=0.0, help="lora/pet: adapter dropout")
+    p.add_argument(
+        "--targets",
+        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        help="lora/pet: comma-separated module names",
+    )
+    p.add_argument("--top-blocks", type=int, default=1, help="freeze: top blocks left trainable")
+    p.add_argument("--virtual-tokens", type=int, default=8, help="prompt-tuning: soft tokens")
+    p.add_argument("--shots", type=int, default=0, help="icl/ensemble: demonstrations")
+    p.add_argument("--patterns", type=int, default=4, help="pet/ensemble: patterns used (1-4)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--verbalizer", default=None, help="label=word,... or a JSON file")
+
+
+def _adapt_options(args: Namespace) -> Any:
+    from fmforge.adapt.training import AdaptOptions
+
+    for name in ("max_steps", "batch_size", "max_text_tokens"):
+        if args[name] < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {args[name]}")
+    if args.shots < 0 or not 1 <= args.patterns <= 4:
+        raise UserError("--shots must be >= 0 and --patterns in 1..4")
+    return AdaptOptions(
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        max_text_tokens=args.max_text_tokens,
+        rank=args.rank,
+        alpha=args.alpha,
+        dropout=args.dropout,
+        targets=[t.strip() for t in args.targets.split(",") if t.strip()],
+        top_blocks=args.top_blocks,
+        virtual_tokens=args.virtual_tokens,
+        shots=args.shots,
+        patterns=args.patterns,
+        threads=args.threads,
+    )
+
+
+def _adapt_method_parser(method: str) -> Callable[[], ArgumentParser]:
+    def build() -> ArgumentParser:
+        p = new_parser(f"Adapt a base model to a task with {method}; write the adapted dir.")
+        p.add_argument("--base", required=True, help="a model dir or built-in name")
+        p.add_argument("--task", required=True, help="a task name or a .jsonl of text/label")
+        p.add_argument("--out", required=True, help="output directory")
+        p.add_argument("--examples-per-class", type=int, default=None, help="train subset K")
+        p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+        _add_adapt_options(p)
+        return p
+
+    return build
+
+
+def _adapt_compare_parser() -> ArgumentParser:
+    p = new_parser("Every adaptation method on one base, task and budget: results, report, plot.")
+    p.add_argument("--base", required=True, help="a model dir or built-in name")
+    p.add_argument("--task", required=True, help="a task name or a .jsonl of text/label")
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--examples-per-class", default="8,32,128", help="comma-separated K values")
+    p.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    _add_adapt_options(p, steps=40)
+    return p
+
+
+def _adapt_recommend_parser() -> ArgumentParser:
+    p = new_parser(
+        "Recommend an adaptation method from the task's size and similarity to the base."
+    )
+    p.add_argument("--base", required=True, help="a model dir or built-in name")
+    p.add_argument("--task", required=True, help="a task name or a .jsonl of text/label")
+    p.add_argument("--examples-per-class", type=int, default=None, help="data you will have")
+    p.add_argument("--results", default=None, help="a compare dir or results.json to ground it")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return p
+
+
+def _eval_parser() -> ArgumentParser:
+    p = new_parser("Test accuracy of an adapted dir, or of a base model with k-shot prompts.")
+    p.add_argument("model", help="an adapted dir (fmforge adapt) or a base model")
+    p.add_argument("--task", default=None, help="task (default: the adapted dir's)")
+    p.add_argument("--shots", type=int, default=0, help="base models: demonstrations")
+    p.add_argument("--base", default=None, help="adapters: the base they were trained on")
+    p.add_argument("--seed", type=int, default=0, help="splits and demonstrations")
+    p.add_argument("--verbalizer", default=None, help="label=word,... or a JSON file")
+    return p
+
+
+def _experiment_transfer_parser() -> ArgumentParser:
+    p = new_parser("Transfer vs from-scratch training: steps to reach the same validation loss.")
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--base", default=None, help="a pretrained model dir (default: pretrain one)")
+    p.add_argument("--steps", type=int, default=200, help="fine-tuning budget per run")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    return p
+
+
+def _adapt_handler(method: str) -> Handler:
+    def handle(args: Namespace) -> None:
+        from fmforge.adapt.adapted import adapt
+        from fmforge.data.tasks import parse_verbalizer
+
+        row = adapt(
+            method,
+            args.base,
+            args.task,
+            args.out,
+            _adapt_options(args),
+            examples_per_class=args.examples_per_class,
+            verbalizer=parse_verbalizer(args.verbalizer),
+            overwrite=args.overwrite,
+        )
+        print_json({"out": args.out, **row})
+
+    return handle
+
+
+for _method in METHODS:
+    command(f"adapt {_method}", _adapt_method_parser(_method))(_adapt_handler(_method))
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError as e:
+        raise UserError(f"{flag} takes comma-separated integers, got {text!r}") from e
+    if not values or min(values) < 1:
+        raise UserError(f"{flag} needs positive integers, got {text!r}")
+    return values
+
+
+@command("adapt compare", _adapt_compare_parser)
+def _adapt_compare(args: Namespace) -> None:
+    from fmforge.adapt.compare import compare
+    from fmforge.data.tasks import parse_verbalizer
+
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    result = compare(
+        args.base,
+        args.task,
+        args.out,
+        _int_list(args.examples_per_class, "--examples-per-class"),
+        methods,
+        _adapt_options(args),
+        overwrite=args.overwrite,
+        verbalizer=parse_verbalizer(args.verbalizer),
+    )
+    outputs = "results.json, report.md, accuracy_vs_examples.png"
+    print(f"wrote {args.out}/ {outputs} ({result['seconds']} s)")
+
+
+@command("adapt recommend", _adapt_recommend_parser)
+def _adapt_recommend(args: Namespace) -> None:
+    from fmforge.adapt.recommend import recommend
+
+    result = recommend(args.base, args.task, args.examples_per_class, args.results)
+    if args.json:
+        print_json(result)
+    else:
+        print(f"recommended: {result['method']}\nwhy: {result['reason']}")
+
+
+@command("eval", _eval_parser)
+def _eval(args: Namespace) -> None:
+    from fmforge.adapt.adapted import evaluate
+    from fmforge.adapt.training import AdaptOptions
+    from fmforge.data.tasks import parse_verbalizer
+
+    if args.shots < 0:
+        raise UserError(f"--shots must be >= 0, got {args.shots}")
+    result = evaluate(
+        args.model,
+        args.task,
+        args.shots,
+        args.base,
+        AdaptOptions(seed=args.seed),
+        parse_verbalizer(args.verbalizer),
+    )
+    print_json(result)
+
+
+@command("experiment transfer", _experiment_transfer_parser)
+def _experiment_transfer(args: Namespace) -> None:
+    from fmforge.experiments.transfer import run_transfer
+
+    result = run_transfer(args.out, base=args.base, steps=args.steps, overwrite=args.overwrite)
+    print(f"speedup {result['speedup']}x; report: {args.out}/report.md")

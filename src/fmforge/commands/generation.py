@@ -1,0 +1,148 @@
+"""Generation commands: fmforge generate, chat, export."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from jsonargparse import ArgumentParser, Namespace
+
+from fmforge.commands import command, new_parser
+from fmforge.errors import UserError
+
+# ---------------------------------------------------------------------------------------------
+# Generation (fmforge generate, fmforge chat) and export to an HF model dir.
+# ---------------------------------------------------------------------------------------------
+
+
+def _add_sampling_arguments(p: ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 256, within context")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+
+
+def _generate_parser() -> ArgumentParser:
+    p = new_parser("Continue a prompt (or answer it as a chat turn with --chat).")
+    p.add_argument("model", help="a model dir, a built-in name (fmforge models) or a .gguf file")
+    p.add_argument("--prompt", required=True, help="the text to continue or the user message")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--system", default=None, help="with --chat: the system message")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    _add_sampling_arguments(p)
+    return p
+
+
+def _chat_parser() -> ArgumentParser:
+    p = new_parser("Chat interactively (streaming, multi-turn). Type /reset or /exit.")
+    p.add_argument("model", help="a model dir, a built-in name (fmforge models) or a .gguf file")
+    p.add_argument("--system", default=None, help="the system message")
+    _add_sampling_arguments(p)
+    return p
+
+
+def _export_parser() -> ArgumentParser:
+    p = new_parser("Write any loadable model (a GGUF base included) as an HF-format model dir.")
+    p.add_argument("model", help="a model dir, a built-in name (fmforge models) or a .gguf file")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    return p
+
+
+def _load_model(name: str) -> Any:
+    if name.endswith(".gguf") and os.path.isfile(name):
+        from fmforge.model.gguf import load_gguf
+
+        return load_gguf(name)
+    from fmforge.model.load import load
+
+    return load(name)
+
+
+def _sampling_kwargs(args: Namespace) -> dict[str, Any]:
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
+
+
+def _print_stream(deltas: Any) -> None:
+    for delta in deltas:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+@command("generate", _generate_parser)
+def _generate(args: Namespace) -> None:
+    if not args.prompt:
+        raise UserError("--prompt is empty; give some text to continue")
+    loaded = _load_model(args.model)
+    kwargs = _sampling_kwargs(args)
+    if args.chat:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        messages.append({"role": "user", "content": args.prompt})
+        out = loaded.chat(messages, stream=args.stream, **kwargs)
+    else:
+        out = loaded.generate(args.prompt, stream=args.stream, **kwargs)
+    if args.stream:
+        _print_stream(out)
+    else:
+        print(out)
+
+
+@command("chat", _chat_parser)
+def _chat(args: Namespace) -> None:
+    loaded = _load_model(args.model)
+    kwargs = _sampling_kwargs(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = list(system)
+    print("fmforge chat: /reset clears the history, /exit quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return
+        command_word = line.strip()
+        if command_word in ("/exit", "/quit"):
+            return
+        if command_word == "/reset":
+            history = list(system)
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if not command_word:
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            reply = "".join(_echo(loaded.chat(history, stream=True, **kwargs)))
+        except UserError as e:  # e.g. the history outgrew the context: say so, keep chatting
+            history.pop()
+            print(f"fmforge: error: {' '.join(str(e).split())} (try /reset)", file=sys.stderr)
+            continue
+        history.append({"role": "assistant", "content": reply})
+
+
+def _echo(deltas: Any) -> Any:
+    for delta in deltas:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+        yield delta
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+@command("export", _export_parser)
+def _export(args: Namespace) -> None:
+    from fmforge.artifacts import check_output_dir
+
+    check_output_dir(args.out, args.overwrite)  # refuse before a slow load
+    loaded = _load_model(args.model)
+    path = loaded.save(args.out, overwrite=args.overwrite)
+    print(f"wrote {path} (config.json, model.safetensors, tokenizer.json); transformers loads it")
