@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 
 import pytest
 
+from polling import wait_until
 from test_serve_support import ThreadServer, make_app, serve_model_dir  # noqa: F401
 
 CHROMIUM = os.environ.get("FMFORGE_CHROMIUM", "/usr/bin/chromium")
@@ -50,9 +50,7 @@ def test_playground_streams_and_records_thumbs_up(serve_model_dir, tmp_path):  #
             page.screenshot(path=str(tmp_path / "playground.png"), full_page=True)
         finally:
             browser.close()
-    deadline = time.monotonic() + 5
-    while store.counts()["feedback"] < 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: store.counts()["feedback"] >= 1, timeout=5)
     rows = store.list_feedback()
     assert [(r["kind"], r["value"]) for r in rows] == [("thumbs", "up")]
     generation = store.get_generation(rows[0]["generation_id"])

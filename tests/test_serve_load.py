@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from fmforge.generate.engine import generate_tokens
 from fmforge.model.load import load
 from fmforge.serve.engine import BatchEngine, Request
+from polling import wait_until
 from test_serve_support import (  # noqa: F401
     MODEL_NAME,
     ThreadServer,
@@ -192,10 +193,7 @@ def test_l3_abandoned_streams_free_their_slots(serve_model_dir):  # noqa: F811
 
     with ThreadServer(app) as server:
         asyncio.run(abandon(server.url, 100))
-        deadline = time.monotonic() + 5
-        while not engine.idle() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert engine.idle(), engine.load()
+        assert wait_until(engine.idle, timeout=5), engine.load()
         start = time.monotonic()
         fresh = httpx.post(server.url + "/v1/chat/completions", json=_chat("hi"), timeout=10)
         assert fresh.status_code == 200

@@ -10,12 +10,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+
+from polling import wait_until
 
 MODEL_NAME = "tiny-serve"
 
@@ -70,18 +71,21 @@ class ServerProcess:
         )
 
     def wait_ready(self, timeout: float = 60.0) -> ServerProcess:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def healthy_or_exited() -> bool:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{self.proc.stdout.read()}")
+                return True
             try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
+                return httpx.get(self.url + "/health", timeout=1).status_code == 200
             except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("server did not start in time")
+                return False
+
+        ready = wait_until(healthy_or_exited, timeout=timeout, interval=0.1)
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{self.proc.stdout.read()}")
+        if not ready:
+            self.stop()
+            raise RuntimeError("server did not start in time")
+        return self
 
     def output(self) -> str:
         return self.proc.stdout.read() if self.proc.stdout else ""
@@ -118,11 +122,9 @@ class ThreadServer:
 
     def __enter__(self) -> ThreadServer:
         self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("in-thread server did not start")
-            time.sleep(0.02)
+        started = wait_until(lambda: self.server.started or not self.thread.is_alive(), timeout=30)
+        if not (started and self.server.started):
+            raise RuntimeError("in-thread server did not start")
         return self
 
     def __exit__(self, *exc) -> None:

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from fmforge.model.llama import LlamaForCausalLM
 from fmforge.train.objectives import causal_lm_loss
 from fmforge.train.optim import lr_at
 from fmforge.train.trainer import Trainer
+from polling import wait_until
 
 
 class FixedBatches:
@@ -165,12 +165,14 @@ def test_resume_after_sigkill_mid_run_and_mid_checkpoint(shards_dir, tmp_path, u
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        metrics = run / "metrics.jsonl"
-        if metrics.exists() and metrics.read_text().count("\n") >= 8:
-            break
-        time.sleep(0.005)
+    metrics = run / "metrics.jsonl"
+    wait_until(
+        lambda: (
+            proc.poll() is not None or (metrics.exists() and metrics.read_text().count("\n") >= 8)
+        ),
+        timeout=120,
+        interval=0.005,
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
