@@ -142,6 +142,9 @@ def main() -> None:
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, fp32, batch 1, "
         f"{NEW_TOKENS} new tokens after {PROMPT_TOKENS}"
     )
+    from fmforge.model import native
+
+    print(f"fmforge decode path: {native.status()}")
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth (read + write) {bandwidth / 1e9:.1f} GB/s")
 

@@ -63,9 +63,13 @@ def decode_one_token(
     slot: int,
     position_ids: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    weights: Any = None,
 ) -> torch.Tensor:
-    """Run one token per row (B, 1) into cache slot `slot`; return next-token logits (B, V)."""
-    return model(token, cache=cache, start=slot, position_ids=position_ids, mask=mask)[:, -1]
+    """Run one token per row (B, 1) into cache slot `slot`; return next-token logits (B, V).
+
+    weights: the model's `decode_weights()`, fetched once per generation (None: plain forward).
+    """
+    return model.decode_step(token, cache, slot, weights, position_ids=position_ids, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +176,7 @@ def iter_tokens(
                 position_ids=positions[:, :width] if padded else None,
                 mask=prefill_mask,
             )
+            weights = model.decode_weights()
         fast_greedy = params.greedy and seen is None and not params.logit_bias
         done = [False] * batch
         for step in range(max_new_tokens):
@@ -201,9 +206,12 @@ def iter_tokens(
                         slot,
                         position_ids=positions[:, slot : slot + 1],
                         mask=key_mask[..., : slot + 1],
+                        weights=weights,
                     )
                 else:
-                    logits = decode_one_token(model, token.view(batch, 1), cache, slot)
+                    logits = decode_one_token(
+                        model, token.view(batch, 1), cache, slot, weights=weights
+                    )
     finally:
         model.train(was_training)
 

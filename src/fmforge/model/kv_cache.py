@@ -28,6 +28,9 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.max_len = max_len
+        self.batch_size = batch_size
+        # Per-layer views, so a decode step's update indexes one layer without re-slicing.
+        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)
 
     def update(
         self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
@@ -36,6 +39,9 @@ class KVCache(nn.Module):
         end = start + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")
-        self.k[layer, : k.shape[0], :, start:end] = k
-        self.v[layer, : v.shape[0], :, start:end] = v
-        return self.k[layer, : k.shape[0], :, :end], self.v[layer, : v.shape[0], :, :end]
+        keys, values = self.k_layers[layer], self.v_layers[layer]  # (B, K, max_len, D)
+        if k.shape[0] != self.batch_size:
+            keys, values = keys[: k.shape[0]], values[: k.shape[0]]
+        keys.narrow(2, start, end - start).copy_(k)
+        values.narrow(2, start, end - start).copy_(v)
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)

@@ -18,13 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmforge.model.config import LlamaConfig
+from fmforge.model.decode import DecodeWeights, plain_linear
 from fmforge.model.kv_cache import KVCache
 from fmforge.model.layers import (
     RMSNorm,
     apply_rope,
-    apply_rope_one,
     attention,
-    decode_weight,
     rope_cache,
 )
 
@@ -40,12 +39,6 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(f, c, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] == 1:  # a decode step: see layers.decode_weight
-            gate_up = decode_weight(self, "gate_up", self.gate_proj, self.up_proj)
-            down = decode_weight(self, "down", self.down_proj)
-            if gate_up is not None and down is not None:
-                gate, up = (x @ gate_up).chunk(2, dim=-1)  # (B, 1, F) each
-                return (F.silu(gate) * up) @ down
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -75,8 +68,6 @@ class LlamaAttention(nn.Module):
         start: int,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        if cache is not None and t == 1:
-            return self.decode(x, cos, sin, mask, cache, start)
         h, kv, d = self.n_head, self.n_kv, self.head_dim
         q = self.q_proj(x).view(b, t, h, d).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(b, t, kv, d).transpose(1, 2)  # (B, K, T, D)
@@ -90,36 +81,6 @@ class LlamaAttention(nn.Module):
         y = attention(q, k, v, mask=mask, causal=causal, eager=self.eager)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)
-
-    def decode(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        signed_sin: torch.Tensor,
-        mask: torch.Tensor | None,
-        cache: KVCache,
-        start: int,
-    ) -> torch.Tensor:
-        """`forward` for one new token per row (x (B, 1, C)) at cache slot `start`.
-
-        The same maths in fewer ops (a decode step is bound by per-op overhead and weight reads,
-        not FLOPs): one matmul for q, k and v, RoPE on q and k together without chunk/neg/cat.
-        cos, signed_sin (B or 1, 1, D) are the model's decode-step tables.
-        """
-        b = x.shape[0]
-        h, kv, d = self.n_head, self.n_kv, self.head_dim
-        qkv_weight = decode_weight(self, "qkv", self.q_proj, self.k_proj, self.v_proj)
-        o_weight = decode_weight(self, "o", self.o_proj)
-        if qkv_weight is not None:
-            qkv = (x @ qkv_weight).view(b, h + 2 * kv, d)  # (B, H + 2K, D)
-        else:
-            qkv = torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), -1).view(b, -1, d)
-        qk = apply_rope_one(qkv[:, : h + kv], cos, signed_sin)  # (B, H + K, D), rotated together
-        q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + kv :]
-        k, v = cache.update(self.layer_idx, start, k.unsqueeze(2), v.unsqueeze(2))  # (B, K, S, D)
-        y = attention(q.unsqueeze(2), k, v, mask=mask, eager=self.eager)  # (B, H, 1, D)
-        y = y.view(b, 1, h * d)  # (B, 1, H*D)
-        return self.o_proj(y) if o_weight is None else y @ o_weight
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -208,17 +169,79 @@ class LlamaForCausalLM(nn.Module):
         else:
             cos = self.rope_cos[position_ids].unsqueeze(1)  # (B, 1, T, D)
             sin = self.rope_sin[position_ids].unsqueeze(1)
-        if cache is not None and t == 1:  # a decode step (LlamaAttention.decode)
-            d = self.config.head_dim
-            signed_sin = torch.cat((-sin[..., : d // 2], sin[..., d // 2 :]), dim=-1)
-            cos, sin = cos.view(-1, 1, d), signed_sin.view(-1, 1, d)  # (B or 1, 1, D)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache, start)
         x = self.model.norm(x)
-        if return_hidden:
-            return x
-        head = decode_weight(self, "lm_head", self.lm_head) if t == 1 else None
-        return self.lm_head(x) if head is None else x @ head
+        return x if return_hidden else self.lm_head(x)
+
+    def decode_weights(self) -> DecodeWeights | None:
+        """Return this model's weights laid out for `decode_step` (built once, kept while valid).
+
+        None when gradients are on or a projection is not a plain bias-free nn.Linear (an adapter
+        wraps it): `decode_step` then runs the ordinary forward.
+        """
+        if torch.is_grad_enabled():
+            return None
+        groups: list[tuple[nn.Linear, ...]] = []
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            groups += [
+                (attn.q_proj, attn.k_proj, attn.v_proj),
+                (attn.o_proj,),
+                (mlp.gate_proj, mlp.up_proj),
+                (mlp.down_proj,),
+            ]
+        groups.append((self.lm_head,))
+        if not all(plain_linear(m) for group in groups for m in group):
+            return None
+        weights = [m.weight for group in groups for m in group]
+        c = self.config
+        cached = self.__dict__.get("_decode_weights")  # a plain attribute: not in state_dict
+        if cached is None or not cached.current(weights):
+            self.__dict__.pop("_decode_weights", None)  # free the stale copy first
+            heads = (c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+            cached = self.__dict__["_decode_weights"] = DecodeWeights(groups, heads)
+        return cached
+
+    def decode_step(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache,
+        slot: int,
+        weights: DecodeWeights | None,
+        position_ids: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Return next-token logits (B, V) for one new token per row, input_ids (B, 1).
+
+        The token is written to cache slot `slot`; position_ids (B, 1) and mask (B, 1, 1, S) as in
+        `forward`. The same maths as `forward` in fewer ops, since a decode step is bound by
+        weight reads and per-op overhead: `weights` (from `decode_weights`) fuses the q/k/v and
+        gate/up projections into one product each, and its `ops` fuse each residual add into the
+        next RMSNorm and RoPE, the cache write and one-query attention into one call (native
+        kernels, else torch ops). weights=None runs `forward` instead.
+        """
+        if weights is None:
+            logits = self(input_ids, cache=cache, start=slot, position_ids=position_ids, mask=mask)
+            return logits[:, -1]
+        c = self.config
+        b = input_ids.shape[0]
+        if slot + 1 > c.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {slot + 1} tokens exceeds the model's context of "
+                f"{c.max_position_embeddings}"
+            )
+        ops = weights.ops  # native kernels or torch ops: see model/decode.py
+        rope = ops.rope(self.rope_cos, self.rope_sin, position_ids, slot)
+        x = self.model.embed_tokens(input_ids.view(b))  # (B, C), updated in place below
+        delta = None  # the last residual branch, added to x by the next add_rmsnorm
+        for i, layer in enumerate(self.model.layers):
+            qkv = weights.matmul(4 * i, ops.add_rmsnorm(x, delta, layer.input_layernorm))
+            y = ops.attend(qkv, i, cache, slot, rope, mask)  # (B, H*D)
+            y = ops.add_rmsnorm(x, weights.matmul(4 * i + 1, y), layer.post_attention_layernorm)
+            delta = weights.matmul(4 * i + 3, ops.silu_mul(weights.matmul(4 * i + 2, y)))
+        y = ops.add_rmsnorm(x, delta, self.model.norm)
+        return weights.matmul(4 * len(self.model.layers), y)  # (B, V)
 
     def new_cache(
         self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None

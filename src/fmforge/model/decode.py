@@ -1,0 +1,238 @@
+"""The matrices of a one-token decode step, laid out for fast matrix-vector products.
+
+A decode step multiplies one activation row per sequence by every weight matrix once, so it is
+bound by reading the weights (and by per-op overhead on small models), not by FLOPs. On CPU,
+torch runs a batch-1 matmul on a single thread, leaving the other cores' memory bandwidth idle.
+`DecodeWeights` copies the matrices once into one contiguous buffer, in the order a step reads
+them, each stored as column blocks (n, C_in, C_out / n):
+- with fmforge's native kernel (model/native/gemv.c, fp32 on CPU), blocks are 8-64 columns
+  wide and every thread streams whole blocks: the product runs at memory bandwidth;
+- otherwise (no C compiler, GPU, other dtypes) n is 2 per thread and one `torch.bmm` over the
+  blocks spreads the product across threads.
+On 2 cores, for SmolLM2's shapes, the native kernel reads ~23-26 GB/s, bmm ~18, F.linear ~12.
+
+The copy costs a second set of weights in memory. It is built only for inference (no gradients),
+only when every projection is a plain bias-free `nn.Linear` (an adapter such as LoRA wraps them,
+and then the ordinary forward runs instead), and it is rebuilt when a source weight changes
+(optimizer step, `load_state_dict`, `.to()`): `current` compares pointers and version counters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fmforge.model import native
+from fmforge.model.kv_cache import KVCache
+from fmforge.model.layers import RMSNorm, apply_rope_one, decode_attention
+
+
+def native_block_width(out_features: int, threads: int) -> int | None:
+    """Return the native kernel's column-block width for a matrix, or None if none fits.
+
+    The widest of 64/32/16/8 that divides out_features into a multiple of `threads` blocks (so no
+    thread idles at the end), else the widest that divides it at all.
+    """
+    fitting = [w for w in native.BLOCK_WIDTHS if out_features % w == 0]
+    balanced = [w for w in fitting if (out_features // w) % threads == 0]
+    return (balanced or fitting or [None])[0]
+
+
+def bmm_split_count(out_features: int, device: torch.device) -> int:
+    """Return how many column blocks torch.bmm splits a matrix into: 2 per thread on CPU."""
+    if device.type != "cpu":
+        return 1  # GPU matmul kernels already use the whole device for one row
+    n = 1
+    while n < 2 * torch.get_num_threads() and out_features % (2 * n) == 0:
+        n *= 2
+    return n
+
+
+class DecodeWeights:
+    """Groups of bias-free linears, each fused (outputs concatenated) and stored in blocks.
+
+    `groups[i]` is a tuple of nn.Linear sharing their input; `matmul(i, x)` returns
+    x @ concat(weights).T, i.e. the concatenated outputs of the group, for x (B, C_in).
+    heads = (query heads, key/value heads, head dim). `ops` holds the step's other pieces:
+    `NativeOps` with the native kernels, else `TorchOps`.
+    """
+
+    def __init__(self, groups: list[tuple[nn.Linear, ...]], heads: tuple[int, int, int]):
+        self.sources = [m.weight for group in groups for m in group]
+        self.key = self.key_of(self.sources)
+        first = self.sources[0]
+        self.threads = torch.get_num_threads()
+        outs = [sum(m.out_features for m in group) for group in groups]
+        widths = [native_block_width(c_out, self.threads) for c_out in outs]
+        self.kernel = None
+        if first.device.type == "cpu" and first.dtype == torch.float32 and None not in widths:
+            self.kernel = native.library()
+        self.shapes: list[tuple[int, int, int]] = []  # (n, C_in, C_out / n) per group
+        self.offsets: list[int] = []
+        self.functions = []  # the native kernel entry point per group
+        total = 0
+        for group, c_out, width in zip(groups, outs, widths):
+            c_in = group[0].in_features
+            if self.kernel is not None:
+                n = c_out // width
+                self.functions.append(getattr(self.kernel, f"fmforge_gemv_{width}"))
+            else:
+                n = bmm_split_count(c_out, first.device)
+            self.shapes.append((n, c_in, c_out // n))
+            self.offsets.append(total)
+            total += c_in * c_out
+        self.buffer = torch.empty(total, dtype=first.dtype, device=first.device)
+        self.blocks: list[torch.Tensor] = []
+        with torch.no_grad():
+            for group, offset, (n, c_in, block) in zip(groups, self.offsets, self.shapes):
+                view = self.buffer[offset : offset + c_in * n * block].view(n, c_in, block)
+                weight = torch.cat([m.weight for m in group])  # (C_out, C_in)
+                view.copy_(weight.t().reshape(c_in, n, block).permute(1, 0, 2))
+                self.blocks.append(view)
+        h, kv, d = heads
+        self.ops = TorchOps(h, kv, d) if self.kernel is None else NativeOps(self.kernel, h, kv, d)
+
+    @staticmethod
+    def key_of(weights: list[torch.Tensor]) -> tuple:
+        return tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
+
+    def current(self, weights: list[torch.Tensor]) -> bool:
+        """True when `weights` are still the very tensors, unmodified, this copy was made from,
+        and torch's thread count (which sets the blocking) has not changed."""
+        return (
+            len(weights) == len(self.sources)
+            and self.threads == torch.get_num_threads()
+            and self.key_of(weights) == self.key
+        )
+
+    def matmul(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Return x (B, C_in) times group `index`'s fused weight: (B, C_out)."""
+        blocks = self.blocks[index]  # (n, C_in, C_out / n)
+        n, c_in, block = blocks.shape
+        b = x.shape[0]
+        if self.kernel is not None:
+            x = x.contiguous()
+            y = x.new_empty(b, n * block)
+            self.functions[index](
+                x.data_ptr(), blocks.data_ptr(), y.data_ptr(), b, c_in, n * block, self.threads
+            )
+            return y
+        y = torch.bmm(x.expand(n, b, c_in), blocks)  # (n, B, C_out / n)
+        if b == 1:
+            return y.view(1, n * block)
+        return y.transpose(0, 1).reshape(b, n * block)
+
+
+def plain_linear(module: nn.Module) -> bool:
+    """True for an nn.Linear without bias and not wrapped or subclassed by an adapter."""
+    return type(module) is nn.Linear and module.bias is None
+
+
+class TorchOps:
+    """A decode step's pieces besides the matmuls, in torch ops (any device and dtype).
+
+    Notation: B rows (sequences), H query heads, K key/value heads, D head dim, S cache length.
+    """
+
+    def __init__(self, h: int, kv: int, d: int):
+        self.h, self.kv, self.d = h, kv, d
+
+    def rope(
+        self, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor | None, slot: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return this step's RoPE rows from the (P, D) tables: cos, signed sin, (B or 1, 1, D)."""
+        if position_ids is None:
+            cos, sin = cos[slot], sin[slot]  # (D,)
+        else:
+            cos, sin = cos[position_ids[:, 0]], sin[position_ids[:, 0]]  # (B, D)
+        half = self.d // 2  # rotate-half's sign folded into sin: see layers.apply_rope_one
+        signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        return cos.view(-1, 1, self.d), signed_sin.view(-1, 1, self.d)
+
+    def add_rmsnorm(
+        self, x: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm
+    ) -> torch.Tensor:
+        """Add the residual branch `delta` to x (B, C) in place; return norm(x)."""
+        if delta is not None:
+            x.add_(delta)
+        return norm(x)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up (B, 2F) -> silu(gate) * up (B, F)."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def attend(
+        self,
+        qkv: torch.Tensor,
+        layer: int,
+        cache: KVCache,
+        slot: int,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Rotate q and k, write k and v to cache slot `slot`; return attention (B, H*D)."""
+        h, kv, d = self.h, self.kv, self.d
+        qkv = qkv.view(qkv.shape[0], h + 2 * kv, d)
+        qk = apply_rope_one(qkv[:, : h + kv], *rope)  # (B, H + K, D), rotated together
+        k, v = cache.update(layer, slot, qk[:, h:, None], qkv[:, h + kv :, None])  # (B, K, S, D)
+        return decode_attention(qk[:, :h], k, v, mask)
+
+
+class NativeOps(TorchOps):
+    """`TorchOps` as calls into the native kernels (fp32, CPU, contiguous tensors)."""
+
+    def __init__(self, library, h: int, kv: int, d: int):
+        super().__init__(h, kv, d)
+        self.lib = library
+
+    def rope(self, cos, sin, position_ids, slot):
+        if position_ids is None:
+            return cos[slot], sin[slot]  # (D,): one row for every sequence
+        return cos[position_ids[:, 0]], sin[position_ids[:, 0]]  # (B, D)
+
+    def add_rmsnorm(self, x, delta, norm):
+        y = torch.empty_like(x)
+        self.lib.fmforge_add_rmsnorm(
+            x.data_ptr(),
+            None if delta is None else delta.data_ptr(),
+            norm.weight.data_ptr(),
+            norm.eps,
+            y.data_ptr(),
+            x.shape[0],
+            x.shape[1],
+        )
+        return y
+
+    def silu_mul(self, gate_up):
+        rows, f = gate_up.shape[0], gate_up.shape[1] // 2
+        out = gate_up.new_empty(rows, f)
+        self.lib.fmforge_silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, f)
+        return out
+
+    def attend(self, qkv, layer, cache, slot, rope, mask):
+        if slot >= cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; asked to write {slot}")
+        rows = qkv.shape[0]
+        cos, sin = rope
+        out = qkv.new_empty(rows, self.h * self.d)
+        self.lib.fmforge_attend_one(
+            qkv.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            self.d if cos.dim() == 2 else 0,
+            cache.k_layers[layer].data_ptr(),
+            cache.v_layers[layer].data_ptr(),
+            None if mask is None else mask.data_ptr(),
+            0 if mask is None else mask.stride(0),
+            out.data_ptr(),
+            rows,
+            self.h,
+            self.kv,
+            self.d,
+            cache.max_len,
+            slot,
+            torch.get_num_threads(),
+        )
+        return out

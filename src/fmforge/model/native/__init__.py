@@ -1,0 +1,116 @@
+"""fmforge's own CPU kernels for decode steps (kernels.c), compiled on first use with the system
+C compiler: blocked matrix-vector products, RMSNorm with the residual add, SwiGLU's
+silu(gate) * up, and one-query attention with RoPE and the KV-cache write.
+
+`library()` returns the loaded kernel library, or None when it cannot be had: not Linux/macOS on a
+CPU with a C compiler (`cc`, or $CC), or FMFORGE_NATIVE=0. Callers then use torch ops instead,
+so a missing compiler costs speed, never correctness. `status()` says which and why.
+
+The shared library is cached under $XDG_CACHE_HOME/fmforge/kernels (default ~/.cache), keyed by
+the source, the compiler and the CPU's feature flags, and written atomically (temp file, then
+rename), so concurrent first uses are safe and later processes load it in milliseconds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("kernels.c")
+BLOCK_WIDTHS = (64, 32, 16, 8)  # the column-block widths kernels.c has a gemv for
+
+_library: ctypes.CDLL | None = None
+_status: str | None = None
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fmforge" / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(compiler: str) -> Path:
+    source = SOURCE.read_bytes()
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+    key = hashlib.sha256(
+        b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _cpu_flags().encode()])
+    ).hexdigest()[:16]
+    target = cache_dir() / f"kernels-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run(
+            [compiler, *flags, str(SOURCE), "-o", tmp, "-lm"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def library() -> ctypes.CDLL | None:
+    """Return the kernel library (built and loaded once per process), or None."""
+    global _library, _status
+    if _status is not None:
+        return _library
+    if os.environ.get("FMFORGE_NATIVE", "1") == "0":
+        _status = "off (FMFORGE_NATIVE=0): decode uses torch ops"
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if sys.platform not in ("linux", "darwin") or compiler is None:
+        _status = "no C compiler found: decode uses torch ops (install gcc for faster decoding)"
+        return None
+    try:
+        library = ctypes.CDLL(str(_build(compiler)))
+        for name, argtypes in _signatures().items():
+            getattr(library, name).argtypes = argtypes
+            getattr(library, name).restype = None
+    except (OSError, subprocess.SubprocessError, AttributeError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        first = detail.decode(errors="replace").strip().splitlines()[:1]
+        _status = f"build failed ({first[0] if first else e}): decode uses torch ops"
+        return None
+    _library = library
+    _status = f"native kernels ({Path(compiler).name}, OpenMP)"
+    return _library
+
+
+def _signatures() -> dict[str, list]:
+    ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    table: dict[str, list] = {
+        f"fmforge_gemv_{width}": [ptr, ptr, ptr, i64, i64, i64, i32] for width in BLOCK_WIDTHS
+    }
+    table["fmforge_add_rmsnorm"] = [ptr, ptr, ptr, f32, ptr, i64, i64]
+    table["fmforge_silu_mul"] = [ptr, ptr, i64, i64]
+    table["fmforge_attend_one"] = [ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, ptr] + [i64] * 6 + [i32]
+    return table
+
+
+def status() -> str:
+    """Say whether decode steps use the native kernels, and if not, why."""
+    library()
+    return _status or ""
