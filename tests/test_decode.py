@@ -194,3 +194,10 @@ def test_decode_weights_memory_is_one_buffer(tiny_config):
     matrices = sum(p.numel() for n, p in model.named_parameters() if n.endswith("proj.weight"))
     assert weights.buffer.numel() == matrices + model.lm_head.weight.numel()
     assert all(b.data_ptr() >= weights.buffer.data_ptr() for b in weights.blocks)
+
+
+def test_cache_moved_or_cast_keeps_its_layer_views():
+    cache = KVCache(2, 1, 2, 8, 4).to(torch.float64)
+    k, _ = cache.update(1, 3, torch.ones(1, 2, 1, 4, dtype=torch.float64), torch.zeros(1, 2, 1, 4))
+    assert cache.k.dtype == torch.float64 and cache.k[1, 0, :, 3].eq(1).all()
+    assert k.data_ptr() == cache.k[1].data_ptr()

@@ -29,8 +29,16 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.max_len = max_len
         self.batch_size = batch_size
+        self._layer_views()
+
+    def _layer_views(self) -> None:
         # Per-layer views, so a decode step's update indexes one layer without re-slicing.
         self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)
+
+    def _apply(self, fn, recurse=True):  # .to(), .half(), ... replace the buffers: re-view them
+        result = super()._apply(fn, recurse)
+        self._layer_views()
+        return result
 
     def update(
         self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
