@@ -3,18 +3,19 @@
 A decode step multiplies one activation row per sequence by every weight matrix once, so it is
 bound by reading the weights (and by per-op overhead on small models), not by FLOPs. On CPU,
 torch runs a batch-1 matmul on a single thread, leaving the other cores' memory bandwidth idle.
-`DecodeWeights` copies the matrices once into one contiguous buffer, in the order a step reads
-them, each stored as column blocks (n, C_in, C_out / n):
-- with fmforge's native kernel (model/native/gemv.c, fp32 on CPU), blocks are 8-64 columns
-  wide and every thread streams whole blocks: the product runs at memory bandwidth;
-- otherwise (no C compiler, GPU, other dtypes) n is 2 per thread and one `torch.bmm` over the
-  blocks spreads the product across threads.
+`DecodeWeights` makes every thread read its share:
+- with fmforge's native kernels (model/native/kernels.c; fp32 on CPU) the products run on the
+  nn.Linear weights in place, no copy: threads split the output rows and stream them;
+- otherwise (no C compiler, GPU, other dtypes) the weights are copied once into one buffer as
+  column blocks (n, C_in, C_out / n), n = 2 per thread, and one `torch.bmm` over the blocks
+  spreads the product across threads. That copy costs a second set of weights in memory and is
+  rebuilt when a source weight changes (optimizer step, `load_state_dict`, `.to()`).
 On 2 cores, for SmolLM2's shapes, the native kernel reads ~23-26 GB/s, bmm ~18, F.linear ~12.
+The step's other pieces come as `NativeOps` (one kernel call each) or `TorchOps`.
 
-The copy costs a second set of weights in memory. It is built only for inference (no gradients),
-only when every projection is a plain bias-free `nn.Linear` (an adapter such as LoRA wraps them,
-and then the ordinary forward runs instead), and it is rebuilt when a source weight changes
-(optimizer step, `load_state_dict`, `.to()`): `current` compares pointers and version counters.
+Decode weights exist only for inference (no gradients) and when every projection is a plain
+bias-free `nn.Linear`; an adapter such as LoRA wraps them, and then the ordinary forward runs.
+`current` compares the weights' pointers and version counters to catch any change.
 """
 
 from __future__ import annotations
@@ -26,17 +27,6 @@ from torch import nn
 from fmforge.model import native
 from fmforge.model.kv_cache import KVCache
 from fmforge.model.layers import RMSNorm, apply_rope_one, decode_attention
-
-
-def native_block_width(out_features: int, threads: int) -> int | None:
-    """Return the native kernel's column-block width for a matrix, or None if none fits.
-
-    The widest of 64/32/16/8 that divides out_features into a multiple of `threads` blocks (so no
-    thread idles at the end), else the widest that divides it at all.
-    """
-    fitting = [w for w in native.BLOCK_WIDTHS if out_features % w == 0]
-    balanced = [w for w in fitting if (out_features // w) % threads == 0]
-    return (balanced or fitting or [None])[0]
 
 
 def bmm_split_count(out_features: int, device: torch.device) -> int:
@@ -63,35 +53,40 @@ class DecodeWeights:
         self.key = self.key_of(self.sources)
         first = self.sources[0]
         self.threads = torch.get_num_threads()
-        outs = [sum(m.out_features for m in group) for group in groups]
-        widths = [native_block_width(c_out, self.threads) for c_out in outs]
+        self.groups = [[m.weight.detach() for m in group] for group in groups]
+        self.outs = [sum(m.out_features for m in group) for group in groups]
         self.kernel = None
-        if first.device.type == "cpu" and first.dtype == torch.float32 and None not in widths:
+        if (
+            first.device.type == "cpu"
+            and first.dtype == torch.float32
+            and all(w.is_contiguous() for w in self.sources)
+        ):
             self.kernel = native.library()
-        self.shapes: list[tuple[int, int, int]] = []  # (n, C_in, C_out / n) per group
-        self.offsets: list[int] = []
-        self.functions = []  # the native kernel entry point per group
-        total = 0
-        for group, c_out, width in zip(groups, outs, widths):
-            c_in = group[0].in_features
-            if self.kernel is not None:
-                n = c_out // width
-                self.functions.append(getattr(self.kernel, f"fmforge_gemv_{width}"))
-            else:
-                n = bmm_split_count(c_out, first.device)
-            self.shapes.append((n, c_in, c_out // n))
-            self.offsets.append(total)
-            total += c_in * c_out
-        self.buffer = torch.empty(total, dtype=first.dtype, device=first.device)
+        self.buffer: torch.Tensor | None = None  # the torch path's blocked copy
         self.blocks: list[torch.Tensor] = []
+        if self.kernel is None:
+            self._copy_blocks(groups, first)
+        h, kv, d = heads
+        self.ops = TorchOps(h, kv, d) if self.kernel is None else NativeOps(self.kernel, h, kv, d)
+
+    def _copy_blocks(self, groups: list[tuple[nn.Linear, ...]], first: torch.Tensor) -> None:
+        shapes = []  # (n, C_in, C_out / n) per group
+        for group, c_out in zip(groups, self.outs):
+            n = bmm_split_count(c_out, first.device)
+            shapes.append((n, group[0].in_features, c_out // n))
+        self.buffer = torch.empty(
+            sum(n * c_in * block for n, c_in, block in shapes),
+            dtype=first.dtype,
+            device=first.device,
+        )
+        offset = 0
         with torch.no_grad():
-            for group, offset, (n, c_in, block) in zip(groups, self.offsets, self.shapes):
-                view = self.buffer[offset : offset + c_in * n * block].view(n, c_in, block)
+            for group, (n, c_in, block) in zip(groups, shapes):
+                view = self.buffer[offset : offset + n * c_in * block].view(n, c_in, block)
                 weight = torch.cat([m.weight for m in group])  # (C_out, C_in)
                 view.copy_(weight.t().reshape(c_in, n, block).permute(1, 0, 2))
                 self.blocks.append(view)
-        h, kv, d = heads
-        self.ops = TorchOps(h, kv, d) if self.kernel is None else NativeOps(self.kernel, h, kv, d)
+                offset += n * c_in * block
 
     @staticmethod
     def key_of(weights: list[torch.Tensor]) -> tuple:
@@ -108,16 +103,21 @@ class DecodeWeights:
 
     def matmul(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Return x (B, C_in) times group `index`'s fused weight: (B, C_out)."""
-        blocks = self.blocks[index]  # (n, C_in, C_out / n)
-        n, c_in, block = blocks.shape
         b = x.shape[0]
         if self.kernel is not None:
             x = x.contiguous()
-            y = x.new_empty(b, n * block)
-            self.functions[index](
-                x.data_ptr(), blocks.data_ptr(), y.data_ptr(), b, c_in, n * block, self.threads
-            )
+            c_out = self.outs[index]
+            y = x.new_empty(b, c_out)
+            start = y.data_ptr()
+            for weight in self.groups[index]:  # q, k, v (or gate, up) side by side in y
+                n, c_in = weight.shape
+                self.kernel.fmforge_gemv_rows(
+                    x.data_ptr(), weight.data_ptr(), start, b, c_in, n, c_out, self.threads
+                )
+                start += n * y.element_size()
             return y
+        blocks = self.blocks[index]  # (n, C_in, C_out / n)
+        n, c_in, block = blocks.shape
         y = torch.bmm(x.expand(n, b, c_in), blocks)  # (n, B, C_out / n)
         if b == 1:
             return y.view(1, n * block)

@@ -1,6 +1,6 @@
 """fmforge's own CPU kernels for decode steps (kernels.c), compiled on first use with the system
-C compiler: blocked matrix-vector products, RMSNorm with the residual add, SwiGLU's
-silu(gate) * up, and one-query attention with RoPE and the KV-cache write.
+C compiler: multithreaded matrix-vector products on the weights in place, RMSNorm with the
+residual add, SwiGLU's silu(gate) * up, and one-query attention with RoPE and the KV-cache write.
 
 `library()` returns the loaded kernel library, or None when it cannot be had: not Linux/macOS on a
 CPU with a C compiler (`cc`, or $CC), or FMFORGE_NATIVE=0. Callers then use torch ops instead,
@@ -24,7 +24,6 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("kernels.c")
-BLOCK_WIDTHS = (64, 32, 16, 8)  # the column-block widths kernels.c has a gemv for
 
 _library: ctypes.CDLL | None = None
 _status: str | None = None
@@ -101,9 +100,7 @@ def library() -> ctypes.CDLL | None:
 
 def _signatures() -> dict[str, list]:
     ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-    table: dict[str, list] = {
-        f"fmforge_gemv_{width}": [ptr, ptr, ptr, i64, i64, i64, i32] for width in BLOCK_WIDTHS
-    }
+    table: dict[str, list] = {"fmforge_gemv_rows": [ptr, ptr, ptr, i64, i64, i64, i64, i32]}
     table["fmforge_add_rmsnorm"] = [ptr, ptr, ptr, f32, ptr, i64, i64]
     table["fmforge_silu_mul"] = [ptr, ptr, i64, i64]
     table["fmforge_attend_one"] = [ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, ptr] + [i64] * 6 + [i32]

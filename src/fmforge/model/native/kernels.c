@@ -1,13 +1,5 @@
 /* fmforge's CPU kernels for one-token decode steps (fp32).
  *
- * Matrix-vector products: y (B, N) = x (B, K) @ W.
- *
- * W is packed as (N / BW, K, BW): column block j holds columns j*BW .. j*BW + BW - 1, row by
- * row, in one contiguous run of memory. A thread takes whole blocks, keeps the BW partial sums
- * of a row in vector registers and streams its blocks front to back, so the product runs at
- * memory bandwidth on every thread (torch's batch-1 matmul uses one thread on CPU).
- * For B > 1 each block is re-read per row from the core's L2 cache (a block is K * BW floats).
- *
  * Built at first use by fmforge/model/native/__init__.py with the system C compiler and
  * -fopenmp; inside a torch process the OpenMP runtime is torch's own (same libgomp.so.1), so
  * these threads and torch's are one pool.
@@ -15,31 +7,44 @@
 #include <math.h>
 #include <stdint.h>
 
-#define DEFINE_GEMV(BW)                                                                       \
-    void fmforge_gemv_##BW(const float *x, const float *w, float *y, int64_t rows, int64_t k, \
-                           int64_t n, int threads) {                                         \
-        const int64_t blocks = n / BW;                                                        \
-        _Pragma("omp parallel for schedule(static) num_threads(threads)")                    \
-        for (int64_t block = 0; block < blocks; block++) {                                    \
-            const float *wb = w + block * k * BW;                                             \
-            for (int64_t r = 0; r < rows; r++) {                                              \
-                const float *xr = x + r * k;                                                  \
-                float acc[BW] = {0};                                                          \
-                for (int64_t i = 0; i < k; i++) {                                             \
-                    const float xi = xr[i];                                                   \
-                    const float *wi = wb + i * BW;                                            \
-                    for (int j = 0; j < BW; j++) acc[j] += xi * wi[j];                        \
-                }                                                                             \
-                float *yr = y + r * n + block * BW;                                           \
-                for (int j = 0; j < BW; j++) yr[j] = acc[j];                                  \
-            }                                                                                 \
-        }                                                                                     \
+/* Matrix-vector products on nn.Linear weights in place: y[r, j] = sum_i x[r, i] * w[j, i] for
+ * j < n, w (n, k) row-major, y rows y_stride apart (so q, k and v can land side by side in one
+ * buffer). Threads take groups of 4 weight rows and stream them front to back with vectorised
+ * dot products, so the product runs at memory bandwidth on every thread (torch's batch-1 matmul
+ * uses one thread on CPU). For rows > 1 each group is re-read per row from the core's cache. */
+void fmforge_gemv_rows(const float *x, const float *w, float *y, int64_t rows, int64_t k,
+                       int64_t n, int64_t y_stride, int threads) {
+    const int64_t groups = (n + 3) / 4;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t g = 0; g < groups; g++) {
+        const int64_t j = g * 4;
+        const int64_t count = n - j < 4 ? n - j : 4;
+        for (int64_t r = 0; r < rows; r++) {
+            const float *xr = x + r * k;
+            float *yr = y + r * y_stride + j;
+            if (count == 4) {
+                const float *w0 = w + j * k, *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
+                float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+                #pragma omp simd reduction(+ : s0, s1, s2, s3)
+                for (int64_t i = 0; i < k; i++) {
+                    s0 += xr[i] * w0[i];
+                    s1 += xr[i] * w1[i];
+                    s2 += xr[i] * w2[i];
+                    s3 += xr[i] * w3[i];
+                }
+                yr[0] = s0; yr[1] = s1; yr[2] = s2; yr[3] = s3;
+            } else {
+                for (int64_t c = 0; c < count; c++) {
+                    const float *wc = w + (j + c) * k;
+                    float s = 0.0f;
+                    #pragma omp simd reduction(+ : s)
+                    for (int64_t i = 0; i < k; i++) s += xr[i] * wc[i];
+                    yr[c] = s;
+                }
+            }
+        }
     }
-
-DEFINE_GEMV(8)
-DEFINE_GEMV(16)
-DEFINE_GEMV(32)
-DEFINE_GEMV(64)
+}
 
 /* x (rows, c) += delta (when not NULL), then y = weight * (x * rsqrt(mean(x^2) + eps)), the
  * order of operations of HF's LlamaRMSNorm. */
