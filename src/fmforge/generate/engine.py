@@ -198,20 +198,15 @@ def iter_tokens(
                 return
             slot = width + step
             with torch.inference_mode():
-                if padded:
-                    logits = decode_one_token(
-                        model,
-                        token.view(batch, 1),
-                        cache,
-                        slot,
-                        position_ids=positions[:, slot : slot + 1],
-                        mask=key_mask[..., : slot + 1],
-                        weights=weights,
-                    )
-                else:
-                    logits = decode_one_token(
-                        model, token.view(batch, 1), cache, slot, weights=weights
-                    )
+                logits = decode_one_token(
+                    model,
+                    token.view(batch, 1),
+                    cache,
+                    slot,
+                    position_ids=positions[:, slot : slot + 1] if padded else None,
+                    mask=key_mask[..., : slot + 1] if padded else None,
+                    weights=weights,
+                )
     finally:
         model.train(was_training)
 
