@@ -17,7 +17,16 @@ import sys
 from jsonargparse import ArgumentParser, Namespace
 
 # Importing the command modules registers their subcommands.
-from fmforge.commands import COMMANDS, GROUPS, adapt, cost, generation, pipeline, serve  # noqa: F401
+from fmforge.commands import (  # noqa: F401
+    COMMANDS,
+    GROUPS,
+    adapt,
+    cost,
+    curate,
+    generation,
+    pipeline,
+    serve,
+)
 from fmforge.commands import new_parser as _parser
 from fmforge.errors import UserError
 
