@@ -1,8 +1,10 @@
 """One-token decode steps: the native kernels and the torch-ops path against the plain forward.
 
-`LlamaForCausalLM.decode_step` runs on `DecodeWeights` (blocked weight copies) and its `ops`:
-`NativeOps` (model/native/kernels.c, built with the system C compiler) or `TorchOps`. Both must
-give the logits of the ordinary forward pass; the kernels are also checked one by one.
+`LlamaForCausalLM.decode_step` runs on `DecodeWeights` and its `ops`: `NativeOps`
+(model/native/kernels.c, built with the system C compiler) or `TorchOps`. Both must give the
+logits of the ordinary forward pass, and B rows in one step (each at its own cache row and
+position, prompt chunks included) the logits of each row run alone; the kernels are also checked
+one by one.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from torch import nn
 from fmforge.generate.engine import generate_naive, generate_tokens
 from fmforge.model import native
 from fmforge.model.decode import DecodeWeights, NativeOps, TorchOps
-from fmforge.model.kv_cache import KVCache
+from fmforge.model.kv_cache import CacheRows, KVCache
 from fmforge.model.layers import RMSNorm
 from fmforge.model.llama import LlamaForCausalLM
 
@@ -110,18 +112,27 @@ def test_no_decode_weights_with_grad_or_adapters(tiny_config):
 
 
 @needs_native
-@pytest.mark.parametrize("rows", [1, 3])
-def test_native_gemv_matches_matmul(rows):
+@pytest.mark.parametrize("rows", [1, 3, 6, 16])
+def test_native_gemm_matches_matmul_and_rows_are_independent(rows):
     lib = native.library()
     k, sizes = 40, (8, 5, 13)  # three matrices side by side in one output, like q, k and v
     weights = [torch.randn(n, k) for n in sizes]  # nn.Linear layout (C_out, C_in)
     x = torch.randn(rows, k)
-    y = torch.full((rows, sum(sizes)), float("nan"))
-    start = y.data_ptr()
-    for w in weights:
-        lib.fmforge_gemv_rows(x.data_ptr(), w.data_ptr(), start, rows, k, w.shape[0], y.shape[1], 2)
-        start += w.shape[0] * 4
+
+    def product(x):
+        y = torch.full((x.shape[0], sum(sizes)), float("nan"))
+        start = y.data_ptr()
+        for w in weights:
+            lib.fmforge_gemm_rows(
+                x.data_ptr(), w.data_ptr(), start, x.shape[0], k, w.shape[0], y.shape[1], 2
+            )
+            start += w.shape[0] * 4
+        return y
+
+    y = product(x)
     torch.testing.assert_close(y, x @ torch.cat(weights).t(), atol=1e-5, rtol=1e-5)
+    for r in range(rows):  # each row bitwise equal to the row computed alone
+        assert torch.equal(product(x[r : r + 1].clone())[0], y[r])
 
 
 @needs_native
@@ -145,21 +156,87 @@ def test_native_ops_match_torch_ops():
     positions = torch.tensor([[slot], [slot - 4], [slot - 2]])  # left padding of 0, 4, 2
     mask = torch.ones(rows, 1, 1, max_len, dtype=torch.bool)
     mask[1, ..., :4] = mask[2, ..., :2] = False
-    for position_ids, key_mask in ((None, None), (positions, mask[..., : slot + 1])):
-        caches = [KVCache(1, rows, kv, max_len, d) for _ in range(2)]
+    # A plain cache (same slot for every row, or left padding under a mask), then cache rows
+    # 4, 1, 1 at their own positions: two step rows of one prompt chunk share cache row 1.
+    cases = [(None, None, None), (positions, mask[..., : slot + 1], None)]
+    cases.append((torch.tensor([[5], [2], [3]]), None, ([4, 1, 1], [5, 2, 3])))
+    for position_ids, key_mask, rows_view in cases:
+        caches = [KVCache(1, 5, kv, max_len, d) for _ in range(2)]
         for cache in caches:
             cache.k.normal_(generator=torch.Generator().manual_seed(1))
             cache.v.normal_(generator=torch.Generator().manual_seed(2))
+        views = caches if rows_view is None else [CacheRows(c, *rows_view) for c in caches]
+        step_slot = slot if rows_view is None else 5
         qkv = torch.randn(rows, (h + 2 * kv) * d)
         results = [
             ops.attend(
-                qkv.clone(), 0, cache, slot, ops.rope(cos, sin, position_ids, slot), key_mask
+                qkv.clone(),
+                0,
+                view,
+                step_slot,
+                ops.rope(cos, sin, position_ids, step_slot),
+                key_mask,
             )
-            for ops, cache in zip((torch_ops, native_ops), caches)
+            for ops, view in zip((torch_ops, native_ops), views)
         ]
         torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(caches[1].k, caches[0].k)  # the same rotated keys written
         torch.testing.assert_close(caches[1].v, caches[0].v)
+
+
+def _prefilled_cache(model, lengths):
+    # One cache row per prompt, filled through decode_step with the prompt as one chunk of rows.
+    cache = model.new_cache(len(lengths), max(lengths) + 1)
+    weights = model.decode_weights()
+    for row, length in enumerate(lengths):
+        ids = torch.randint(0, model.config.vocab_size, (length, 1))
+        view = CacheRows(cache, [row] * length, list(range(length)))
+        position_ids = view.positions.view(-1, 1)
+        model.decode_step(
+            ids, view, length - 1, weights, position_ids, logit_rows=torch.tensor([0])
+        )
+    return cache, weights
+
+
+def test_batched_step_rows_equal_rows_decoded_alone(tiny_config, ops_path):
+    """B rows in one step (B = 1..16), each at its own cache row and position, give each row's
+    logits equal (<= 1e-5) to that row's step run alone."""
+    model = LlamaForCausalLM(tiny_config).eval()
+    lengths = [3 + (7 * i) % 23 for i in range(16)]
+    with torch.inference_mode():
+        cache, weights = _prefilled_cache(model, lengths)
+        order = torch.randperm(16).tolist()  # rows in any order, not only 0..B-1
+        tokens = torch.randint(0, tiny_config.vocab_size, (16, 1))
+
+        def step(rows):
+            positions = [lengths[r] for r in rows]
+            view = CacheRows(cache, rows, positions)
+            ids = tokens[rows]
+            return model.decode_step(ids, view, view.width - 1, weights, view.positions[:, None])
+
+        alone = {r: step([r])[0] for r in order}
+        for b in range(1, 17):
+            rows = order[:b]
+            together = step(rows)
+            for i, r in enumerate(rows):
+                torch.testing.assert_close(together[i], alone[r], atol=1e-5, rtol=0)
+                if ops_path == "native":
+                    assert torch.equal(together[i], alone[r])  # bitwise: rows never interact
+
+
+def test_prompt_chunks_equal_the_forward_pass(tiny_config, ops_path):
+    model = LlamaForCausalLM(tiny_config).eval()
+    ids = torch.randint(0, tiny_config.vocab_size, (1, 21))
+    with torch.inference_mode():
+        reference = model(ids)[0]  # (T, V)
+        cache = model.new_cache(2, 32)
+        weights = model.decode_weights()
+        logits = []
+        for start, end in ((0, 1), (1, 8), (8, 21)):  # chunks of 1, 7 and 13 tokens in row 1
+            view = CacheRows(cache, [1] * (end - start), list(range(start, end)))
+            chunk = ids[0, start:end].view(-1, 1)
+            logits.append(model.decode_step(chunk, view, end - 1, weights, view.positions[:, None]))
+    torch.testing.assert_close(torch.cat(logits), reference, atol=2e-4, rtol=1e-4)
 
 
 def test_missing_compiler_falls_back_to_torch_ops(tmp_path, monkeypatch, tiny_config):

@@ -10,13 +10,9 @@ import torch
 
 from fmforge.chat_template import CHATML, template_for
 from fmforge.errors import UserError
-from fmforge.generate.engine import (
-    TextStream,
-    generate_naive,
-    generate_text,
-    generate_tokens,
-)
+from fmforge.generate.engine import generate_naive, generate_text, generate_tokens
 from fmforge.generate.sampling import SamplingParams
+from fmforge.generate.stream import TextStream
 from fmforge.model.llama import LlamaForCausalLM
 from fmforge.model.load import LoadedModel
 from fmforge.tokenizer import train_tokenizer

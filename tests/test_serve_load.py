@@ -14,8 +14,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from fmforge.generate.engine import generate_tokens
+from fmforge.generate.scheduler import Request
 from fmforge.model.load import load
-from fmforge.serve.engine import BatchEngine, Request
+from fmforge.serve.engine import BatchEngine
 from polling import wait_until
 from test_serve_support import (  # noqa: F401
     MODEL_NAME,

@@ -1,22 +1,17 @@
-"""Text generation: prefill and one-token decode steps over a preallocated KV cache; streaming.
+"""Generation entry points of the library, all on the one scheduler (generate/scheduler.py).
 
-Layers, bottom to top:
-- `prefill` / `decode_one_token`: one forward pass each, returning next-token logits (B, V).
-- `iter_tokens`: the decode loop for one or several prompts of different lengths. Prompts are
-  left-padded to a common length; RoPE positions (`position_ids`) count from each prompt's first
-  real token and a key mask hides the padding, so every row equals generating that prompt alone.
-- `generate_tokens`: collects the loop's tokens per prompt, cut at the first stop id.
+- `token_budget`: the one rule for how many new tokens a prompt gets (library and server).
+- `run_requests`: run requests to completion on a scheduler in the caller's thread.
+- `generate_tokens`: token ids in, new token ids out, batched.
+- `generate_text` / `chat_text`: what `fmforge.load(...).generate(...)` and `.chat(...)` call;
+  `chat_prompt` is the one chat-prompt assembly (the server uses it too).
 - `generate_naive`: the test oracle: a full uncached forward pass for every new token.
-- `TextStream`: token ids -> text deltas that never split a UTF-8 character and never show a stop
-  string (or any prefix of one that might still complete).
-- `generate_text` / `chat_text`: what `fmforge.load(...).generate(...)` and `.chat(...)` call.
-
-Notation: B batch, L padded prompt length, S cache length, V vocab.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,9 +19,9 @@ import torch
 
 from fmforge.errors import UserError
 from fmforge.generate.sampling import SamplingParams, sample_next
-from fmforge.model.kv_cache import KVCache
+from fmforge.generate.scheduler import Event, Request, Scheduler
 
-DEFAULT_MAX_NEW_TOKENS = 256
+DEFAULT_MAX_NEW_TOKENS = 256  # when a request names no budget (shortened to fit the context)
 
 
 @dataclass
@@ -37,193 +32,72 @@ class Generation:
     finish_reason: str  # "stop" (a stop id was produced) or "length" (max_new_tokens reached)
 
 
-# ---------------------------------------------------------------------------------------------
-# One forward pass each.
-# ---------------------------------------------------------------------------------------------
+def token_budget(
+    context: int, prompt_tokens: int, requested: int | None, default: int = DEFAULT_MAX_NEW_TOKENS
+) -> int:
+    """Return the new-token budget of a prompt: `requested`, or `default` cut to the context.
 
-
-def prefill(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    cache: KVCache,
-    position_ids: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Run the prompt (B, L) into cache slots 0..L; return the last position's logits (B, V)."""
-    hidden = model(
-        input_ids, cache=cache, start=0, position_ids=position_ids, mask=mask, return_hidden=True
-    )  # (B, L, C)
-    return model.lm_head(hidden[:, -1])  # only the last position is needed: (B, V)
-
-
-def decode_one_token(
-    model: torch.nn.Module,
-    token: torch.Tensor,
-    cache: KVCache,
-    slot: int,
-    position_ids: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None,
-    weights: Any = None,
-) -> torch.Tensor:
-    """Run one token per row (B, 1) into cache slot `slot`; return next-token logits (B, V).
-
-    weights: the model's `decode_weights()`, fetched once per generation (None: plain forward).
+    The one rule of the library and the server. UserError when the prompt is empty, the
+    budget < 1, or prompt + budget exceeds the context.
     """
-    return model.decode_step(token, cache, slot, weights, position_ids=position_ids, mask=mask)
-
-
-# ---------------------------------------------------------------------------------------------
-# The decode loop.
-# ---------------------------------------------------------------------------------------------
+    if requested is None:
+        requested = max(min(default, context - prompt_tokens), 1)
+    if requested < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {requested}")
+    if prompt_tokens == 0:
+        raise UserError("the prompt is empty; give some text to continue")
+    if prompt_tokens + requested > context:
+        raise UserError(
+            f"prompt of {prompt_tokens} tokens + --max-new-tokens {requested} exceeds the "
+            f"model's context of {context} tokens; lower --max-new-tokens to at most "
+            f"{max(context - prompt_tokens, 0)}"
+        )
+    return requested
 
 
 def check_lengths(
     model: torch.nn.Module, prompt_lengths: Sequence[int], max_new: int | None
 ) -> int:
-    """Return the number of new tokens to generate; UserError for an empty or too-long request.
-
-    max_new=None means DEFAULT_MAX_NEW_TOKENS, shortened to fit the context.
-    """
-    context = model.config.max_position_embeddings
-    if max_new is None:
-        room = context - max(prompt_lengths, default=0)
-        max_new = max(min(DEFAULT_MAX_NEW_TOKENS, room), 1)
-    if max_new < 1:
-        raise UserError(f"--max-new-tokens must be >= 1, got {max_new}")
+    """Return the number of new tokens to generate for every prompt (`token_budget` of the
+    longest); UserError for an empty or too-long request."""
     if not prompt_lengths or min(prompt_lengths) == 0:
         raise UserError("the prompt is empty; give some text to continue")
-    longest = max(prompt_lengths)
-    if longest + max_new > context:
-        raise UserError(
-            f"prompt of {longest} tokens + --max-new-tokens {max_new} exceeds the model's context "
-            f"of {context} tokens; lower --max-new-tokens to at most {max(context - longest, 0)}"
-        )
-    return max_new
+    return token_budget(model.config.max_position_embeddings, max(prompt_lengths), max_new)
 
 
-def _generator(seed: int | None, device: torch.device) -> torch.Generator:
-    # Without a seed, draw one from torch's global RNG: torch.manual_seed then fixes the output.
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, ()).item())
-    return torch.Generator(device=device).manual_seed(seed)
-
-
-def _left_pad(prompts: Sequence[Sequence[int]], device: torch.device):
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    width = int(lengths.max())
-    pad = width - lengths  # (B,): padding slots before each prompt
-    input_ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-    return input_ids, pad
-
-
-def iter_tokens(
-    model: torch.nn.Module,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int | None = None,
-    params: SamplingParams | None = None,
-    stop_token_ids: Sequence[int] = (),
-    seed: int | None = None,
-) -> Iterator[list[int]]:
-    """Yield the next token of every prompt, one list of B ids per step.
-
-    Stops after `max_new_tokens` steps or once every row has produced a stop id; rows that
-    stopped earlier keep yielding (ignored) tokens until then.
-    """
-    params = params or SamplingParams()
-    max_new_tokens = check_lengths(model, [len(p) for p in prompts], max_new_tokens)
-    device = next(model.parameters()).device
-    batch = len(prompts)
-    input_ids, pad = _left_pad(prompts, device)  # (B, L), (B,)
-    width = input_ids.shape[1]
-    total = width + max_new_tokens
-    stops = set(stop_token_ids)
-    generator = None
-    if not params.greedy:
-        generator = _generator(seed, device)
-    seen = counts = None
-    if params.uses_penalties:
-        vocab = model.config.vocab_size
-        seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
-        for row, prompt in enumerate(prompts):
-            seen[row, torch.tensor(prompt, dtype=torch.long, device=device)] = True
-        counts = torch.zeros(batch, vocab, dtype=torch.long, device=device)
-
-    padded = bool(pad.any())
-    positions = key_mask = None
-    prefill_mask = None
-    if padded:
-        slots = torch.arange(total, device=device)
-        positions = (slots[None, :] - pad[:, None]).clamp(min=0)  # (B, S): RoPE position per slot
-        key_mask = (slots[None, :] >= pad[:, None]).view(batch, 1, 1, total)  # (B, 1, 1, S)
-        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()  # (L, L)
-        # A padding query sees only itself, so no softmax row is empty (NaN would reach the cache).
-        own = torch.eye(width, dtype=torch.bool, device=device)
-        prefill_mask = causal & (key_mask[..., :width] | own)  # (B, 1, L, L)
-
+@contextmanager
+def _eval(model: torch.nn.Module):
     was_training = model.training
     model.eval()
-    # inference_mode is entered per step, never held across a `yield`: the caller's code between
-    # steps must run in its own grad mode.
     try:
-        with torch.inference_mode():
-            cache = model.new_cache(batch, total)
-            logits = prefill(
-                model,
-                input_ids,
-                cache,
-                position_ids=positions[:, :width] if padded else None,
-                mask=prefill_mask,
-            )
-            weights = model.decode_weights()
-        fast_greedy = params.greedy and seen is None and not params.logit_bias
-        done = [False] * batch
-        for step in range(max_new_tokens):
-            with torch.inference_mode():
-                if fast_greedy:
-                    token = logits.argmax(dim=-1)  # (B,)
-                else:
-                    token = sample_next(logits, params, generator, seen, counts)
-                    if seen is not None:
-                        seen.scatter_(1, token[:, None], True)
-                        counts.scatter_add_(1, token[:, None], torch.ones_like(token[:, None]))
-            values = token.tolist()
-            yield values
-            if stops:
-                done = [d or v in stops for d, v in zip(done, values)]
-                if all(done):
-                    return
-            if step == max_new_tokens - 1:
-                return
-            slot = width + step
-            with torch.inference_mode():
-                logits = decode_one_token(
-                    model,
-                    token.view(batch, 1),
-                    cache,
-                    slot,
-                    position_ids=positions[:, slot : slot + 1] if padded else None,
-                    mask=key_mask[..., : slot + 1] if padded else None,
-                    weights=weights,
-                )
+        yield
     finally:
         model.train(was_training)
 
 
-def _collect(steps: Iterator[list[int]], batch: int, stop_token_ids: Sequence[int]):
-    stops = set(stop_token_ids)
-    results = [Generation([], "length") for _ in range(batch)]
-    for values in steps:
-        for row, value in enumerate(values):
-            result = results[row]
-            if result.finish_reason == "stop":
-                continue
-            if value in stops:
-                result.finish_reason = "stop"
-            else:
-                result.tokens.append(value)
-    return results
+def run_requests(
+    model: torch.nn.Module, requests: Sequence[Request], tokenizer: Any = None
+) -> Iterator[list[tuple[int, Event]]]:
+    """Run `requests` to completion on one scheduler; yield each step's (index, event) pairs.
+
+    inference_mode is entered per step, never held across a `yield`: the caller's code between
+    steps runs in its own grad mode.
+    """
+    longest = max(len(r.prompt) + r.max_tokens for r in requests)
+    context = model.config.max_position_embeddings
+    scheduler = Scheduler(model, tokenizer, slots=len(requests), max_len=min(longest, context))
+    events: list[tuple[int, Event]] = []
+    states = scheduler.add(requests, lambda i, e: events.append((i, e)))
+    with _eval(model):
+        try:
+            while scheduler.has_work():
+                scheduler.step()
+                if events:
+                    yield list(events)
+                    events.clear()
+        finally:
+            for state in states:
+                state.cancel()
 
 
 def generate_tokens(
@@ -234,9 +108,26 @@ def generate_tokens(
     stop_token_ids: Sequence[int] = (),
     seed: int | None = None,
 ) -> list[Generation]:
-    """Return the new tokens of each prompt (with the KV cache, batched)."""
-    steps = iter_tokens(model, prompts, max_new_tokens, params, stop_token_ids, seed)
-    return _collect(steps, len(prompts), stop_token_ids)
+    """Return the new tokens of each prompt (batched on the scheduler; prompt i samples with
+    seed + i)."""
+    params = params or SamplingParams()
+    max_new_tokens = check_lengths(model, [len(p) for p in prompts], max_new_tokens)
+    requests = [
+        Request(list(p), max_new_tokens, params, stop_token_ids, seed=_row_seed(seed, i))
+        for i, p in enumerate(prompts)
+    ]
+    results = [Generation([], "length") for _ in prompts]
+    for events in run_requests(model, requests):
+        for index, event in events:
+            if event.token is not None:
+                results[index].tokens.append(event.token)
+            if event.finish_reason is not None:
+                results[index].finish_reason = event.finish_reason
+    return results
+
+
+def _row_seed(seed: int | None, row: int) -> int | None:
+    return None if seed is None else seed + row
 
 
 def generate_naive(
@@ -253,7 +144,9 @@ def generate_naive(
     device = next(model.parameters()).device
     generator = None
     if not params.greedy:
-        generator = _generator(seed, device)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        generator = torch.Generator(device=device).manual_seed(seed)
     ids = list(prompt)
     vocab = model.config.vocab_size
     seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
@@ -275,127 +168,48 @@ def generate_naive(
 
 
 # ---------------------------------------------------------------------------------------------
-# Text.
+# Text in, text out.
 # ---------------------------------------------------------------------------------------------
 
-
-class TextStream:
-    """Turn generated token ids into text deltas.
-
-    A delta never ends inside a UTF-8 character (byte-level tokens can split one: the decoder then
-    shows U+FFFD, which is held back until the next token completes the character), and never
-    shows a stop string or a tail that could still grow into one. After a stop string, `stopped`
-    is True and the text before it has been emitted.
-    """
-
-    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
-        self.tokenizer = tokenizer
-        self.stop = [s for s in stop if s]
-        self.text = ""  # decoded text of the committed tokens
-        self.pending: list[int] = []  # tokens whose text may still end mid-character
-        self.emitted = 0  # characters of text already returned
-        self.stopped = False
-
-    def push(self, token: int) -> str:
-        """Add one token; return the text that is now final (possibly "")."""
-        if self.stopped:
-            return ""
-        self.pending.append(token)
-        piece = self.tokenizer.decode(self.pending, skip_special_tokens=True)
-        if not piece.endswith("\ufffd"):
-            self.text += piece
-            self.pending.clear()
-            piece = ""
-        full = self.text + piece
-        for stop in self.stop:
-            # Anything before `emitted` held no stop string, so search only from there.
-            index = full.find(stop, max(self.emitted - len(stop) + 1, 0))
-            if index != -1:
-                self.stopped = True
-                self.text, self.pending = full[:index], []
-                return self._emit(index)
-        safe = len(self.text)  # the undecodable tail (piece) is never safe
-        safe -= self._stop_prefix_length(self.text)
-        return self._emit(max(safe, self.emitted))
-
-    def finish(self) -> str:
-        """Return whatever is still held back (generation ended without a stop string)."""
-        if self.stopped:
-            return ""
-        if self.pending:
-            self.text += self.tokenizer.decode(self.pending, skip_special_tokens=True)
-            self.pending.clear()
-        return self._emit(len(self.text))
-
-    def _emit(self, end: int) -> str:
-        delta = self.text[self.emitted : end]
-        self.emitted = max(end, self.emitted)
-        return delta
-
-    def _stop_prefix_length(self, text: str) -> int:
-        # The longest tail of `text` that is a proper prefix of some stop string.
-        best = 0
-        for stop in self.stop:
-            for k in range(min(len(stop) - 1, len(text)), best, -1):
-                if text.endswith(stop[:k]):
-                    best = k
-                    break
-        return best
+SAMPLING_NAMES = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+)
 
 
-def _params(kwargs: dict[str, Any]) -> SamplingParams:
-    names = (
-        "temperature",
-        "top_k",
-        "top_p",
-        "repetition_penalty",
-        "presence_penalty",
-        "frequency_penalty",
-        "logit_bias",
-    )
-    unknown = sorted(set(kwargs) - set(names))
+def sampling_params(kwargs: dict[str, Any]) -> SamplingParams:
+    """Return SamplingParams from keyword arguments (None values keep the defaults)."""
+    unknown = sorted(set(kwargs) - set(SAMPLING_NAMES))
     if unknown:
         raise TypeError(f"unexpected generation arguments: {unknown}")
     return SamplingParams(**{k: v for k, v in kwargs.items() if v is not None})
 
 
-def _stop_ids(tokenizer: Any, extra: Sequence[int] = ()) -> list[int]:
+def stop_ids_of(tokenizer: Any, extra: Sequence[int] = ()) -> list[int]:
+    """Return EOS (when the tokenizer has one) followed by the `extra` stop ids."""
     ids = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
     return ids + [i for i in extra if i not in ids]
 
 
-def _texts(
-    loaded: Any,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    params: SamplingParams,
-    stop_ids: list[int],
-    stop: Sequence[str],
-    seed: int | None,
-) -> Iterator[list[str]]:
-    # Yields one list of text deltas (one per prompt) per step, then the held-back tails.
-    streams = [TextStream(loaded.tokenizer, stop) for _ in prompts]
-    stop_set = set(stop_ids)
-    finished = [False] * len(prompts)
-    steps = iter_tokens(loaded.model, prompts, max_new_tokens, params, stop_ids, seed)
-    try:
-        for values in steps:
-            deltas = []
-            for row, (stream, value) in enumerate(zip(streams, values)):
-                if finished[row]:
-                    deltas.append("")
-                elif value in stop_set:
-                    finished[row] = True
-                    deltas.append(stream.finish())
-                else:
-                    deltas.append(stream.push(value))
-                    finished[row] = stream.stopped
-            yield deltas
-            if all(finished):
-                return
-        yield [stream.finish() for stream in streams]
-    finally:
-        steps.close()
+def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """Return (prompt ids, stop ids) of chat `messages`: the one chat-prompt assembly."""
+    from fmforge.chat_template import template_for
+
+    template = template_for(tokenizer)
+    prompt = template.render(tokenizer, messages)
+    return prompt, stop_ids_of(tokenizer, template.stop_ids(tokenizer))
+
+
+def _texts(loaded: Any, requests: list[Request]) -> Iterator[list[tuple[int, str]]]:
+    # Yields one list of (prompt index, text delta) per step.
+    for events in run_requests(loaded.model, requests, loaded.tokenizer):
+        yield [(index, event.text) for index, event in events]
 
 
 def _run(
@@ -408,18 +222,22 @@ def _run(
     seed: int | None,
     sampling: dict[str, Any],
 ) -> Any:
-    params = _params(sampling)
+    params = sampling_params(sampling)
     stop_strings = [stop] if isinstance(stop, str) else list(stop or [])
     max_new_tokens = check_lengths(loaded.model, [len(p) for p in prompts], max_new_tokens)
-    steps = _texts(loaded, prompts, max_new_tokens, params, stop_ids, stop_strings, seed)
+    if stream and len(prompts) != 1:
+        raise UserError("stream=True takes a single prompt")
+    requests = [
+        Request(p, max_new_tokens, params, stop_ids, stop_strings, _row_seed(seed, i))
+        for i, p in enumerate(prompts)
+    ]
+    steps = _texts(loaded, requests)
     if stream:
-        if len(prompts) != 1:
-            raise UserError("stream=True takes a single prompt")
-        return (deltas[0] for deltas in steps if deltas[0])
+        return (delta for deltas in steps for _, delta in deltas if delta)
     pieces: list[list[str]] = [[] for _ in prompts]
     for deltas in steps:
-        for row, delta in enumerate(deltas):
-            pieces[row].append(delta)
+        for index, delta in deltas:
+            pieces[index].append(delta)
     return ["".join(p) for p in pieces]
 
 
@@ -446,23 +264,15 @@ def generate_text(
 
     Greedy when temperature is 0. Generation ends at EOS (or a `stop_token_ids` id), after
     `max_new_tokens`, or at a `stop` string, which is not returned. stream=True returns an
-    iterator of text deltas instead. Extra keywords: repetition_penalty, presence_penalty,
-    frequency_penalty, logit_bias ({token id: bias}).
+    iterator of text deltas instead. Extra keywords: min_p, repetition_penalty,
+    presence_penalty, frequency_penalty, logit_bias ({token id: bias}).
     """
     tokenizer = _require_tokenizer(loaded)
     texts = [prompt] if isinstance(prompt, str) else list(prompt)
     prompts = [tokenizer.encode(t) for t in texts]
     sampling.update(temperature=temperature, top_k=top_k, top_p=top_p)
-    out = _run(
-        loaded,
-        prompts,
-        stream,
-        max_new_tokens,
-        _stop_ids(tokenizer, stop_token_ids),
-        stop,
-        seed,
-        sampling,
-    )
+    stop_ids = stop_ids_of(tokenizer, stop_token_ids)
+    out = _run(loaded, prompts, stream, max_new_tokens, stop_ids, stop, seed, sampling)
     return out[0] if isinstance(prompt, str) and not stream else out
 
 
@@ -479,12 +289,7 @@ def chat_text(
     **sampling: Any,
 ) -> str | Iterator[str]:
     """Return the assistant's reply to `messages` (role/content dicts), ending at end-of-turn."""
-    from fmforge.chat_template import template_for
-
-    tokenizer = _require_tokenizer(loaded)
-    template = template_for(tokenizer)
-    prompt = template.render(tokenizer, messages)
+    prompt, stop_ids = chat_prompt(_require_tokenizer(loaded), messages)
     sampling.update(temperature=temperature, top_k=top_k, top_p=top_p)
-    stop_ids = _stop_ids(tokenizer, template.stop_ids(tokenizer))
     out = _run(loaded, [prompt], stream, max_new_tokens, stop_ids, stop, seed, sampling)
     return out if stream else out[0]

@@ -2,12 +2,14 @@
 
 Every function takes logits (B, V) and returns new logits (B, V) or token ids (B,); none keeps
 state. `SamplingParams` bundles the knobs and `sample_next` applies them in the usual order
-(penalties -> bias -> temperature -> top-k -> top-p -> draw), as vLLM and HF transformers do.
+(penalties -> bias -> temperature -> top-k -> top-p -> min-p -> draw), as vLLM and HF
+transformers do.
 Notation: B batch, V vocab.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +24,7 @@ class SamplingParams:
     temperature: float = 0.0  # 0 = greedy (argmax); otherwise logits are divided by it
     top_k: int | None = None  # keep the k most likely tokens (and any tied with the k-th)
     top_p: float | None = None  # keep the smallest set of tokens whose probability reaches p
+    min_p: float | None = None  # keep tokens at least min_p times as likely as the most likely
     repetition_penalty: float = 1.0  # HF/CTRL style, over prompt and output tokens; 1 = off
     presence_penalty: float = 0.0  # OpenAI style: subtract once for each token already output
     frequency_penalty: float = 0.0  # OpenAI style: subtract per occurrence in the output
@@ -34,6 +37,8 @@ class SamplingParams:
             raise UserError(f"--top-k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
+            raise UserError(f"--min-p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise UserError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
@@ -89,6 +94,17 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     keep[..., 0] = True
     n_keep = keep.sum(dim=-1, keepdim=True)  # (B, 1)
     threshold = sorted_logits.gather(-1, n_keep - 1)  # (B, 1): the smallest kept logit
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Return logits keeping tokens whose probability is >= min_p times the largest one.
+
+    In log space: logit >= max_logit + log(min_p); the most likely token is always kept.
+    """
+    if min_p <= 0.0:
+        return logits
+    threshold = logits.max(dim=-1, keepdim=True).values + math.log(min_p)  # (B, 1)
     return logits.masked_fill(logits < threshold, float("-inf"))
 
 
@@ -164,4 +180,6 @@ def sample_next(
         logits = top_k_filter(logits, params.top_k)
     if params.top_p is not None:
         logits = top_p_filter(logits, params.top_p)
+    if params.min_p is not None:
+        logits = min_p_filter(logits, params.min_p)
     return sample_from_logits(logits, generator)

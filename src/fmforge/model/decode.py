@@ -1,17 +1,23 @@
-"""The matrices of a one-token decode step, laid out for fast matrix-vector products.
+"""The matrices of a decode step, laid out for fast products with a few rows.
 
-A decode step multiplies one activation row per sequence by every weight matrix once, so it is
-bound by reading the weights (and by per-op overhead on small models), not by FLOPs. On CPU,
-torch runs a batch-1 matmul on a single thread, leaving the other cores' memory bandwidth idle.
-`DecodeWeights` makes every thread read its share:
+A decode step multiplies a few activation rows (one per sequence, plus the tokens of a prompt
+chunk) by every weight matrix once, so it is bound by reading the weights (and by per-op overhead
+on small models), not by FLOPs, until the rows are many. On CPU, torch runs a batch-1 matmul on a
+single thread, leaving the other cores' memory bandwidth idle. `DecodeWeights` makes every thread
+read its share, and reads each weight once per step for all rows:
 - with fmforge's native kernels (model/native/kernels.c; fp32 on CPU) the products run on the
-  nn.Linear weights in place, no copy: threads split the output rows and stream them;
+  nn.Linear weights in place, no copy: threads split the output rows, stream them once and apply
+  them to every activation row (a small-batch GEMM; a row's result does not depend on the others);
 - otherwise (no C compiler, GPU, other dtypes) the weights are copied once into one buffer as
   column blocks (n, C_in, C_out / n), n = 2 per thread, and one `torch.bmm` over the blocks
   spreads the product across threads. That copy costs a second set of weights in memory and is
   rebuilt when a source weight changes (optimizer step, `load_state_dict`, `.to()`).
 On 2 cores, for SmolLM2's shapes, the native kernel reads ~23-26 GB/s, bmm ~18, F.linear ~12.
 The step's other pieces come as `NativeOps` (one kernel call each) or `TorchOps`.
+
+The interface the model uses (`LlamaForCausalLM.decode_step`): `matmul(index, x)` for every
+product, with `index` the group's position in the list passed in, and `ops` for the rest. Another
+weight format (quantised weights, say) needs only another `matmul` behind the same two names.
 
 Decode weights exist only for inference (no gradients) and when every projection is a plain
 bias-free `nn.Linear`; an adapter such as LoRA wraps them, and then the ordinary forward runs.
@@ -25,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmforge.model import native
-from fmforge.model.kv_cache import KVCache
+from fmforge.model.kv_cache import CacheRows, KVCache
 from fmforge.model.layers import RMSNorm, apply_rope_one, decode_attention
 
 
@@ -111,7 +117,7 @@ class DecodeWeights:
             start = y.data_ptr()
             for weight in self.groups[index]:  # q, k, v (or gate, up) side by side in y
                 n, c_in = weight.shape
-                self.kernel.fmforge_gemv_rows(
+                self.kernel.fmforge_gemm_rows(
                     x.data_ptr(), weight.data_ptr(), start, b, c_in, n, c_out, self.threads
                 )
                 start += n * y.element_size()
@@ -167,7 +173,7 @@ class TorchOps:
         self,
         qkv: torch.Tensor,
         layer: int,
-        cache: KVCache,
+        cache: KVCache | CacheRows,
         slot: int,
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
@@ -177,6 +183,8 @@ class TorchOps:
         qkv = qkv.view(qkv.shape[0], h + 2 * kv, d)
         qk = apply_rope_one(qkv[:, : h + kv], *rope)  # (B, H + K, D), rotated together
         k, v = cache.update(layer, slot, qk[:, h:, None], qkv[:, h + kv :, None])  # (B, K, S, D)
+        if isinstance(cache, CacheRows):
+            mask = cache.key_mask()  # each row reads up to its own position
         return decode_attention(qk[:, :h], k, v, mask)
 
 
@@ -212,20 +220,27 @@ class NativeOps(TorchOps):
         return out
 
     def attend(self, qkv, layer, cache, slot, rope, mask):
+        rows_view = isinstance(cache, CacheRows)  # per-row cache rows and positions
+        if mask is not None and not rows_view:  # a left-padded batch: the torch ops take masks
+            cos, sin = rope
+            half = self.d // 2
+            signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+            rope = cos.view(-1, 1, self.d), signed_sin.view(-1, 1, self.d)
+            return super().attend(qkv, layer, cache, slot, rope, mask)
         if slot >= cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; asked to write {slot}")
         rows = qkv.shape[0]
         cos, sin = rope
         out = qkv.new_empty(rows, self.h * self.d)
-        self.lib.fmforge_attend_one(
+        self.lib.fmforge_attend_rows(
             qkv.data_ptr(),
             cos.data_ptr(),
             sin.data_ptr(),
             self.d if cos.dim() == 2 else 0,
             cache.k_layers[layer].data_ptr(),
             cache.v_layers[layer].data_ptr(),
-            None if mask is None else mask.data_ptr(),
-            0 if mask is None else mask.stride(0),
+            cache.index.data_ptr() if rows_view else None,
+            cache.positions.data_ptr() if rows_view else None,
             out.data_ptr(),
             rows,
             self.h,

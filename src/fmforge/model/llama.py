@@ -19,7 +19,7 @@ from torch import nn
 
 from fmforge.model.config import LlamaConfig
 from fmforge.model.decode import DecodeWeights, plain_linear
-from fmforge.model.kv_cache import KVCache
+from fmforge.model.kv_cache import CacheRows, KVCache
 from fmforge.model.layers import (
     RMSNorm,
     apply_rope,
@@ -206,16 +206,19 @@ class LlamaForCausalLM(nn.Module):
     def decode_step(
         self,
         input_ids: torch.Tensor,
-        cache: KVCache,
+        cache: KVCache | CacheRows,
         slot: int,
         weights: DecodeWeights | None,
         position_ids: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        logit_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Return next-token logits (B, V) for one new token per row, input_ids (B, 1).
 
         The token is written to cache slot `slot`; position_ids (B, 1) and mask (B, 1, 1, S) as in
-        `forward`. The same maths as `forward` in fewer ops, since a decode step is bound by
+        `forward`. With `CacheRows` each row writes at its own cache row and position (`slot` is
+        then the largest). logit_rows (R,): compute only these rows' logits, (R, V).
+        The same maths as `forward` in fewer ops, since a decode step is bound by
         weight reads and per-op overhead: `weights` (from `decode_weights`) fuses the q/k/v and
         gate/up projections into one product each, and its `ops` fuse each residual add into the
         next RMSNorm and RoPE, the cache write and one-query attention into one call (native
@@ -223,7 +226,7 @@ class LlamaForCausalLM(nn.Module):
         """
         if weights is None:
             logits = self(input_ids, cache=cache, start=slot, position_ids=position_ids, mask=mask)
-            return logits[:, -1]
+            return logits[:, -1] if logit_rows is None else logits[logit_rows, -1]
         c = self.config
         b = input_ids.shape[0]
         if slot + 1 > c.max_position_embeddings:
@@ -241,7 +244,9 @@ class LlamaForCausalLM(nn.Module):
             y = ops.add_rmsnorm(x, weights.matmul(4 * i + 1, y), layer.post_attention_layernorm)
             delta = weights.matmul(4 * i + 3, ops.silu_mul(weights.matmul(4 * i + 2, y)))
         y = ops.add_rmsnorm(x, delta, self.model.norm)
-        return weights.matmul(4 * len(self.model.layers), y)  # (B, V)
+        if logit_rows is not None:
+            y = y[logit_rows]  # (R, C)
+        return weights.matmul(4 * len(self.model.layers), y)  # (B or R, V)
 
     def new_cache(
         self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None

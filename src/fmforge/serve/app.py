@@ -2,10 +2,12 @@
 
 Routes: /v1/models, /v1/completions, /v1/chat/completions (streaming or not), /v1/embeddings,
 /v1/feedback (fmforge's extension), /health (liveness), /ready (readiness), /metrics (opt-in,
-Prometheus text) and the playground at /. Generation runs on `BatchEngine`'s scheduler thread; the
-request side only validates, submits, and turns engine events into OpenAI JSON or SSE chunks
-(`serve/responses.py`). Every generation returned is recorded in the feedback store before the
-client sees its end. `serve/run.py` runs it under uvicorn.
+Prometheus text) and the playground at /. Generation runs on the one scheduler of generate/
+(`BatchEngine` only gives it a thread); the request side only validates, submits, and turns
+scheduler events into OpenAI JSON or SSE chunks (`serve/responses.py`). The chat prompt and the
+token budget come from the same functions as the library's (`chat_prompt`, `token_budget`).
+Every generation returned is recorded in the feedback store before the client sees its end.
+`serve/run.py` runs it under uvicorn.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from fmforge.errors import UserError
+from fmforge.generate.engine import DEFAULT_MAX_NEW_TOKENS, chat_prompt, stop_ids_of, token_budget
+from fmforge.generate.scheduler import Event
+from fmforge.generate.scheduler import Request as EngineRequest
 from fmforge.serve import responses
-from fmforge.serve.engine import BatchEngine, Event, NotAccepting, QueueFull
-from fmforge.serve.engine import Request as EngineRequest
+from fmforge.serve.engine import BatchEngine, NotAccepting, QueueFull
 from fmforge.serve.errors import APIError, error_response, install_error_handlers, sse_error
 from fmforge.serve.middleware import GuardMiddleware
 from fmforge.serve.schemas import (
@@ -45,7 +49,6 @@ from fmforge.serve.schemas import (
 
 log = logging.getLogger("fmforge.serve")
 
-DEFAULT_MAX_TOKENS = 512  # used when a request omits max_tokens (capped by the context)
 POLL_S = 0.25  # how often a waiting non-streaming request checks for a client disconnect
 
 
@@ -60,7 +63,7 @@ class Settings:
     max_body_bytes: int = 2 * 1024 * 1024  # larger request bodies get 413
     metrics: bool = False  # expose /metrics
     drain_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
-    default_max_tokens: int = DEFAULT_MAX_TOKENS
+    default_max_tokens: int = DEFAULT_MAX_NEW_TOKENS  # when a request omits max_tokens
     retry_after_s: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -124,11 +127,12 @@ class Server:
 
     def max_new_tokens(self, prompt_tokens: int, requested: int | None) -> int:
         """Return the completion budget; APIError with OpenAI's message when it doesn't fit."""
-        completion = requested
-        if completion is None:
-            completion = max(min(self.context - prompt_tokens, self.settings.default_max_tokens), 1)
-        total = prompt_tokens + completion
-        if total > self.context:
+        try:
+            default = self.settings.default_max_tokens
+            return token_budget(self.context, prompt_tokens, requested, default)
+        except UserError as e:
+            completion = requested if requested is not None else 1
+            total = prompt_tokens + completion
             raise APIError(
                 400,
                 f"This model's maximum context length is {self.context} tokens. However, you "
@@ -136,8 +140,7 @@ class Server:
                 "completion). Please reduce the length of the messages or completion.",
                 "messages",
                 "context_length_exceeded",
-            )
-        return completion
+            ) from e
 
     def sampling(self, body: Any) -> Any:
         from fmforge.generate.sampling import SamplingParams
@@ -275,20 +278,14 @@ def create_app(loaded: Any, settings: Settings | None = None, store: Any | None 
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         server.check_model(body.model)
         server.check_ready()
-        from fmforge.chat_template import template_for
-
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text}
             for m in body.messages
         ]
         try:
-            template = template_for(server.tokenizer)
-            prompt = template.render(server.tokenizer, messages)
-            stop_ids = template.stop_ids(server.tokenizer)
+            prompt, stop_ids = chat_prompt(server.tokenizer, messages)
         except UserError as e:
             raise APIError(400, str(e), "messages", "invalid_value") from e
-        if server.tokenizer.eos_id is not None:
-            stop_ids = [server.tokenizer.eos_id, *stop_ids]
         max_tokens = server.max_new_tokens(len(prompt), body.max_tokens)
         top = body.top_logprobs or 0
         job = responses.Job(
@@ -311,7 +308,7 @@ def create_app(loaded: Any, settings: Settings | None = None, store: Any | None 
         server.check_ready()
         prompts, texts = _completion_prompts(server, body.prompt)
         budgets = [server.max_new_tokens(len(p), body.max_tokens) for p in prompts]
-        stop_ids = [] if server.tokenizer.eos_id is None else [server.tokenizer.eos_id]
+        stop_ids = stop_ids_of(server.tokenizer)
         requests = []
         for prompt, budget in zip(prompts, budgets):
             requests += _engine_requests(

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from fmforge.serve.engine import Event
+from fmforge.generate.scheduler import Event
 
 
 @dataclass

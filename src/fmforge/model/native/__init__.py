@@ -1,6 +1,7 @@
 """fmforge's own CPU kernels for decode steps (kernels.c), compiled on first use with the system
-C compiler: multithreaded matrix-vector products on the weights in place, RMSNorm with the
-residual add, SwiGLU's silu(gate) * up, and one-query attention with RoPE and the KV-cache write.
+C compiler: a multithreaded small-batch matrix product on the weights in place (B rows per step,
+each weight read once), RMSNorm with the residual add, SwiGLU's silu(gate) * up, and attention with
+RoPE and the KV-cache write for rows that each sit at their own cache row and position.
 
 `library()` returns the loaded kernel library, or None when it cannot be had: not Linux/macOS on a
 CPU with a C compiler (`cc`, or $CC), or FMFORGE_NATIVE=0. Callers then use torch ops instead,
@@ -85,9 +86,9 @@ def library() -> ctypes.CDLL | None:
         return None
     try:
         library = ctypes.CDLL(str(_build(compiler)))
-        for name, argtypes in _signatures().items():
+        for name, (argtypes, restype) in _signatures().items():
             getattr(library, name).argtypes = argtypes
-            getattr(library, name).restype = None
+            getattr(library, name).restype = restype
     except (OSError, subprocess.SubprocessError, AttributeError) as e:
         detail = getattr(e, "stderr", b"") or b""
         first = detail.decode(errors="replace").strip().splitlines()[:1]
@@ -98,13 +99,16 @@ def library() -> ctypes.CDLL | None:
     return _library
 
 
-def _signatures() -> dict[str, list]:
+def _signatures() -> dict[str, tuple[list, type | None]]:
+    # name -> (argument types, return type) of every entry point of kernels.c
     ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-    table: dict[str, list] = {"fmforge_gemv_rows": [ptr, ptr, ptr, i64, i64, i64, i64, i32]}
-    table["fmforge_add_rmsnorm"] = [ptr, ptr, ptr, f32, ptr, i64, i64]
-    table["fmforge_silu_mul"] = [ptr, ptr, i64, i64]
-    table["fmforge_attend_one"] = [ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, ptr] + [i64] * 6 + [i32]
-    return table
+    return {
+        "fmforge_gemm_rows": ([ptr, ptr, ptr, i64, i64, i64, i64, i32], None),
+        "fmforge_add_rmsnorm": ([ptr, ptr, ptr, f32, ptr, i64, i64], None),
+        "fmforge_silu_mul": ([ptr, ptr, i64, i64], None),
+        "fmforge_attend_rows": ([ptr, ptr, ptr, i64] + [ptr] * 5 + [i64] * 6 + [i32], None),
+        "fmforge_attended_rows": ([], i64),
+    }
 
 
 def status() -> str:

@@ -1,47 +1,122 @@
-/* fmforge's CPU kernels for one-token decode steps (fp32).
+/* fmforge's CPU kernels for decode steps (fp32): B rows per step, each weight read once.
  *
  * Built at first use by fmforge/model/native/__init__.py with the system C compiler and
  * -fopenmp; inside a torch process the OpenMP runtime is torch's own (same libgomp.so.1), so
  * these threads and torch's are one pool.
+ *
+ * A step's rows are independent sequences (or consecutive tokens of one prompt chunk): every
+ * kernel computes each row with the same instructions in the same order whatever the other rows
+ * are, so a row's results are bitwise equal whether it runs alone or among B rows.
  */
 #include <math.h>
 #include <stdint.h>
 
-/* Matrix-vector products on nn.Linear weights in place: y[r, j] = sum_i x[r, i] * w[j, i] for
- * j < n, w (n, k) row-major, y rows y_stride apart (so q, k and v can land side by side in one
- * buffer). Threads take groups of 4 weight rows and stream them front to back with vectorised
- * dot products, so the product runs at memory bandwidth on every thread (torch's batch-1 matmul
- * uses one thread on CPU). For rows > 1 each group is re-read per row from the core's cache. */
-void fmforge_gemv_rows(const float *x, const float *w, float *y, int64_t rows, int64_t k,
+/* One SIMD register of floats: AVX-512, AVX2+FMA, or a plain float elsewhere. Every dot product
+ * accumulates in its own register with fused multiply-adds, in index order; the lanes are summed
+ * by one fixed function, then the tail (k % LANES) is added with fmaf. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+typedef __m512 vec;
+#define LANES 16
+#define ROW_TILE 4
+#define VZERO() _mm512_setzero_ps()
+#define VLOAD(p) _mm512_loadu_ps(p)
+#define VFMA(a, b, acc) _mm512_fmadd_ps(a, b, acc)
+static inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+typedef __m256 vec;
+#define LANES 8
+#define ROW_TILE 2
+#define VZERO() _mm256_setzero_ps()
+#define VLOAD(p) _mm256_loadu_ps(p)
+#define VFMA(a, b, acc) _mm256_fmadd_ps(a, b, acc)
+static inline float vsum(vec v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#else
+typedef float vec;
+#define LANES 1
+#define ROW_TILE 2
+#define VZERO() 0.0f
+#define VLOAD(p) (*(p))
+#define VFMA(a, b, acc) fmaf(a, b, acc)
+static inline float vsum(vec v) { return v; }
+#endif
+
+/* y[r, j..j+count) = x[r] . w[j + c] for R rows of x and up to 4 weight rows w (c < count):
+ * the 4 weight rows are loaded once per step of LANES and used for all R rows. */
+#define DEFINE_TILE(R)                                                                          \
+    static void tile_##R(const float *x, const float *w, float *y, int64_t k, int64_t count,   \
+                         int64_t y_stride) {                                                    \
+        const float *w0 = w, *w1 = count > 1 ? w + k : w0;                                      \
+        const float *w2 = count > 2 ? w + 2 * k : w0, *w3 = count > 3 ? w + 3 * k : w0;        \
+        vec acc[R][4];                                                                          \
+        for (int r = 0; r < R; r++)                                                             \
+            for (int c = 0; c < 4; c++) acc[r][c] = VZERO();                                    \
+        int64_t i = 0;                                                                          \
+        for (; i + LANES <= k; i += LANES) {                                                    \
+            const vec a = VLOAD(w0 + i), b = VLOAD(w1 + i), c = VLOAD(w2 + i),                  \
+                      d = VLOAD(w3 + i);                                                        \
+            for (int r = 0; r < R; r++) {                                                       \
+                const vec xr = VLOAD(x + r * k + i);                                            \
+                acc[r][0] = VFMA(xr, a, acc[r][0]);                                             \
+                acc[r][1] = VFMA(xr, b, acc[r][1]);                                             \
+                acc[r][2] = VFMA(xr, c, acc[r][2]);                                             \
+                acc[r][3] = VFMA(xr, d, acc[r][3]);                                             \
+            }                                                                                   \
+        }                                                                                       \
+        const float *ws[4] = {w0, w1, w2, w3};                                                  \
+        for (int r = 0; r < R; r++) {                                                           \
+            const float *xr = x + r * k;                                                        \
+            for (int c = 0; c < count; c++) {                                                   \
+                float s = vsum(acc[r][c]);                                                      \
+                for (int64_t t = i; t < k; t++) s = fmaf(xr[t], ws[c][t], s);                   \
+                y[r * y_stride + c] = s;                                                        \
+            }                                                                                   \
+        }                                                                                       \
+    }
+
+DEFINE_TILE(1)
+DEFINE_TILE(2)
+#if ROW_TILE > 2
+DEFINE_TILE(3)
+DEFINE_TILE(4)
+#endif
+
+/* A small-batch GEMM on nn.Linear weights in place: y[r, j] = sum_i x[r, i] * w[j, i] for
+ * r < rows, j < n; x (rows, k) and w (n, k) row-major, y rows y_stride apart (so q, k and v land
+ * side by side in one buffer). Threads split the weight rows in groups of 4; each group is
+ * streamed from memory once and applied to every row of x in tiles of ROW_TILE rows (re-read
+ * from the core's cache), so a step of B rows costs one read of the weights, not B. */
+void fmforge_gemm_rows(const float *x, const float *w, float *y, int64_t rows, int64_t k,
                        int64_t n, int64_t y_stride, int threads) {
     const int64_t groups = (n + 3) / 4;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t g = 0; g < groups; g++) {
         const int64_t j = g * 4;
         const int64_t count = n - j < 4 ? n - j : 4;
-        for (int64_t r = 0; r < rows; r++) {
-            const float *xr = x + r * k;
-            float *yr = y + r * y_stride + j;
-            if (count == 4) {
-                const float *w0 = w + j * k, *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
-                float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-                #pragma omp simd reduction(+ : s0, s1, s2, s3)
-                for (int64_t i = 0; i < k; i++) {
-                    s0 += xr[i] * w0[i];
-                    s1 += xr[i] * w1[i];
-                    s2 += xr[i] * w2[i];
-                    s3 += xr[i] * w3[i];
-                }
-                yr[0] = s0; yr[1] = s1; yr[2] = s2; yr[3] = s3;
-            } else {
-                for (int64_t c = 0; c < count; c++) {
-                    const float *wc = w + (j + c) * k;
-                    float s = 0.0f;
-                    #pragma omp simd reduction(+ : s)
-                    for (int64_t i = 0; i < k; i++) s += xr[i] * wc[i];
-                    yr[c] = s;
-                }
-            }
+        const float *wg = w + j * k;
+        int64_t r = 0;
+        for (; r + ROW_TILE <= rows; r += ROW_TILE) {
+#if ROW_TILE > 2
+            tile_4(x + r * k, wg, y + r * y_stride + j, k, count, y_stride);
+#else
+            tile_2(x + r * k, wg, y + r * y_stride + j, k, count, y_stride);
+#endif
+        }
+        const float *xr = x + r * k;
+        float *yr = y + r * y_stride + j;
+        switch (rows - r) {
+            case 1: tile_1(xr, wg, yr, k, count, y_stride); break;
+#if ROW_TILE > 2
+            case 2: tile_2(xr, wg, yr, k, count, y_stride); break;
+            case 3: tile_3(xr, wg, yr, k, count, y_stride); break;
+#endif
+            default: break;
         }
     }
 }
@@ -74,21 +149,27 @@ void fmforge_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t f)
     }
 }
 
-/* One decode step of attention for one layer, for each of `rows` sequences:
+/* One step of attention for one layer, for each of `rows` query rows:
  *   qkv (rows, h + 2 * kv, d): the fused projection; q and k heads are rotated in place (RoPE,
  *     rotate-half layout) by cos/sin rows (rows or 1 of them: cs_stride is d or 0);
- *   the k and v heads are written to the layer's cache (rows, kv, max_len, d) at `slot`;
- *   out (rows, h * d) = softmax(q k^T / sqrt(d)) v over cache positions 0..slot, skipping
- *     positions where mask (rows, mask_stride) is 0 (mask may be NULL).
- * Query head i reads key/value head i / (h / kv) (grouped-query attention). */
-void fmforge_attend_one(float *qkv, const float *cos, const float *sin, int64_t cs_stride,
-                        float *k_cache, float *v_cache, const uint8_t *mask, int64_t mask_stride,
-                        float *out, int64_t rows, int64_t h, int64_t kv, int64_t d,
-                        int64_t max_len, int64_t slot, int threads) {
-    const int64_t heads = h + 2 * kv, half = d / 2, length = slot + 1;
+ *   row r reads and writes cache row cache_rows[r] (r when NULL) of the layer's cache
+ *     (B_cache, kv, max_len, d): its k and v heads are written at position positions[r] (`slot`
+ *     when NULL), then out[r] (h * d) = softmax(q k^T / sqrt(d)) v over positions 0..positions[r].
+ * All writes happen before any read, so the consecutive tokens of a prompt chunk (rows sharing
+ * a cache row) see each other causally. Query head i reads key/value head i / (h / kv). */
+static int64_t attended_rows;
+
+void fmforge_attend_rows(float *qkv, const float *cos, const float *sin, int64_t cs_stride,
+                         float *k_cache, float *v_cache, const int64_t *cache_rows,
+                         const int64_t *positions, float *out, int64_t rows, int64_t h,
+                         int64_t kv, int64_t d, int64_t max_len, int64_t slot, int threads) {
+    const int64_t heads = h + 2 * kv, half = d / 2;
+    __atomic_fetch_add(&attended_rows, rows, __ATOMIC_RELAXED);
     const float scale = 1.0f / sqrtf((float)d);
     for (int64_t r = 0; r < rows; r++) {
         const float *cr = cos + r * cs_stride, *sr = sin + r * cs_stride;
+        const int64_t row = cache_rows ? cache_rows[r] : r;
+        const int64_t pos = positions ? positions[r] : slot;
         for (int64_t head = 0; head < h + kv; head++) {
             float *x = qkv + (r * heads + head) * d;
             float rotated[d];
@@ -101,46 +182,50 @@ void fmforge_attend_one(float *qkv, const float *cos, const float *sin, int64_t 
         for (int64_t g = 0; g < kv; g++) {
             const float *k = qkv + (r * heads + h + g) * d;
             const float *v = qkv + (r * heads + h + kv + g) * d;
-            float *kc = k_cache + ((r * kv + g) * max_len + slot) * d;
-            float *vc = v_cache + ((r * kv + g) * max_len + slot) * d;
+            float *kc = k_cache + ((row * kv + g) * max_len + pos) * d;
+            float *vc = v_cache + ((row * kv + g) * max_len + pos) * d;
             for (int64_t j = 0; j < d; j++) {
                 kc[j] = k[j];
                 vc[j] = v[j];
             }
         }
     }
-    _Pragma("omp parallel for schedule(static) num_threads(threads)")
+    _Pragma("omp parallel for schedule(dynamic, 4) num_threads(threads)")
     for (int64_t task = 0; task < rows * h; task++) {
         const int64_t r = task / h, head = task % h, g = head / (h / kv);
+        const int64_t row = cache_rows ? cache_rows[r] : r;
+        const int64_t length = (positions ? positions[r] : slot) + 1;
         const float *q = qkv + (r * heads + head) * d;
-        const float *keys = k_cache + (r * kv + g) * max_len * d;
-        const float *values = v_cache + (r * kv + g) * max_len * d;
-        const uint8_t *m = mask ? mask + r * mask_stride : 0;
+        const float *keys = k_cache + (row * kv + g) * max_len * d;
+        const float *values = v_cache + (row * kv + g) * max_len * d;
         float scores[length];
         float best = -INFINITY;
         for (int64_t s = 0; s < length; s++) {
-            if (m && !m[s]) {
-                scores[s] = -INFINITY;
-                continue;
-            }
+            const float *key = keys + s * d;
             float dot = 0.0f;
-            for (int64_t j = 0; j < d; j++) dot += q[j] * keys[s * d + j];
+            #pragma omp simd reduction(+ : dot)
+            for (int64_t j = 0; j < d; j++) dot += q[j] * key[j];
             scores[s] = dot * scale;
             if (scores[s] > best) best = scores[s];
         }
         float total = 0.0f;
         for (int64_t s = 0; s < length; s++) {
-            scores[s] = (scores[s] == -INFINITY) ? 0.0f : expf(scores[s] - best);
+            scores[s] = expf(scores[s] - best);
             total += scores[s];
         }
         float acc[d];
         for (int64_t j = 0; j < d; j++) acc[j] = 0.0f;
         for (int64_t s = 0; s < length; s++) {
             const float p = scores[s] / total;
-            if (p == 0.0f) continue;
-            for (int64_t j = 0; j < d; j++) acc[j] += p * values[s * d + j];
+            const float *value = values + s * d;
+            #pragma omp simd
+            for (int64_t j = 0; j < d; j++) acc[j] += p * value[j];
         }
         float *o = out + r * h * d + head * d;
         for (int64_t j = 0; j < d; j++) o[j] = acc[j];
     }
 }
+
+/* Rows run through fmforge_attend_rows since the library was loaded (all layers): tests read it
+ * to show that the library and the server decode through these kernels. */
+int64_t fmforge_attended_rows(void) { return __atomic_load_n(&attended_rows, __ATOMIC_RELAXED); }
