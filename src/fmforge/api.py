@@ -53,14 +53,7 @@ class LoadedEncoder(ModelBundle):
 def typed(bundle: ModelBundle) -> LoadedModel | LoadedEncoder:
     """Return `bundle` as the loaded type of its family (decoder or encoder)."""
     cls = LoadedEncoder if bundle.kind == "encoder" else LoadedModel
-    return cls(
-        bundle.model,
-        bundle.tokenizer,
-        bundle.config,
-        source=bundle.source,
-        provenance=bundle.provenance,
-        sentence=bundle.sentence,
-    )
+    return cls(**vars(bundle))
 
 
 def load(
@@ -72,22 +65,9 @@ def load(
 
 def load_decoder(model: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
     """Load a model that generates text; an encoder gets a one-line error."""
-    from fmforge.errors import UserError
-
-    loaded = load(model, device)
-    if not isinstance(loaded, LoadedModel):
-        raise UserError(f"{model} is an encoder (it embeds and fills blanks); it cannot generate")
-    return loaded
+    return LoadedModel(**vars(load_bundle(model, device=device, kind="decoder")))
 
 
 def load_encoder(model: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedEncoder:
     """Load a model that embeds text; a decoder gets a one-line error."""
-    from fmforge.errors import UserError
-
-    loaded = load(model, device)
-    if not isinstance(loaded, LoadedEncoder):
-        raise UserError(
-            f"{model} is a decoder (it generates text); embeddings need an encoder such as "
-            "minilm-l6"
-        )
-    return loaded
+    return LoadedEncoder(**vars(load_bundle(model, device=device, kind="encoder")))

@@ -23,6 +23,7 @@ from fmforge.commands import (  # noqa: F401
     adapt,
     cost,
     curate,
+    encoder,
     generation,
     pipeline,
     serve,
@@ -31,7 +32,8 @@ from fmforge.commands import new_parser as _parser
 from fmforge.errors import UserError
 
 # Top-level commands in lifecycle order for --help.
-HELP_ORDER = ["quickstart", "tokenizer", "data", "pretrain", "generate", "chat", "export",
+HELP_ORDER = ["quickstart", "tokenizer", "data", "pretrain", "generate", "chat", "fill", "embed",
+              "search", "export",
               "adapt", "eval", "experiment", "serve", "feedback", "cost", "scaling", "models",
               "env"]  # fmt: skip
 

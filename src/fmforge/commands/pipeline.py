@@ -22,9 +22,10 @@ def _quickstart_parser() -> ArgumentParser:
 
 
 def _tokenizer_train_parser() -> ArgumentParser:
-    train = new_parser("Train a byte-level BPE tokenizer on corpora or files.")
+    train = new_parser("Train a tokenizer (byte-level BPE, or WordPiece for encoders) on files.")
     train.add_argument("inputs", nargs="+", help="built-in corpus names or files/directories")
     train.add_argument("--vocab-size", type=int, default=4096)
+    train.add_argument("--kind", default="bpe", help="bpe (decoders) or wordpiece (BERT encoders)")
     train.add_argument("--out", required=True)
     train.add_argument("--overwrite", action="store_true")
     train.add_argument("--max-skip-fraction", type=float, default=0.05)
@@ -93,6 +94,7 @@ def _tokenizer_train(args: Namespace) -> None:
         out=args.out,
         overwrite=args.overwrite,
         max_skip_fraction=args.max_skip_fraction,
+        kind=args.kind,
     )
     print_json(summary)
 

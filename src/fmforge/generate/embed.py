@@ -91,3 +91,54 @@ def embed_texts(
         normalize_rows = spec.normalize if spec is not None else True
     rows = encode_texts(loaded, texts, max_input_tokens(loaded))
     return embed_ids(loaded, rows, batch_size, normalize_rows)
+
+
+def read_texts(path: str) -> list[str]:
+    """Return the texts of a file: one per line (.txt), or each record's "text" (.jsonl)."""
+    import json
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--input {path}: no such file")
+    lines = file.read_text(encoding="utf-8").splitlines()
+    if file.suffix != ".jsonl":
+        return [line for line in lines if line.strip()]
+    texts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{number}: not JSON ({e.msg})") from e
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise UserError(f'{path}:{number}: expected an object with a "text" string')
+        texts.append(record["text"])
+    return texts
+
+
+def embed_file(
+    loaded: Any, input_path: str, out: str, batch_size: int = 32, overwrite: bool = False
+) -> dict[str, Any]:
+    """Embed the texts of `input_path` into `out` (.npy array, or .parquet text + embedding)."""
+    import os
+
+    if not out.endswith((".npy", ".parquet")):
+        raise UserError(f"--out {out}: use a .npy or .parquet file name")
+    if os.path.exists(out) and not overwrite:
+        raise UserError(f"--out {out} exists; pass --overwrite to replace it")
+    texts = read_texts(input_path)
+    vectors = embed_texts(loaded, texts, batch_size=batch_size)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(out)}.tmp")
+    if out.endswith(".npy"):
+        with open(tmp, "wb") as f:
+            np.save(f, vectors)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
+        pq.write_table(pa.table({"text": texts, "embedding": column}), tmp)
+    os.replace(tmp, out)  # readers never see a half-written file
+    return {"out": out, "count": len(texts), "dimensions": int(vectors.shape[1])}

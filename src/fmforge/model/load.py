@@ -117,8 +117,13 @@ def package_dir(package: str, install: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def load_bundle(model: str | os.PathLike, device: str | torch.device = "cpu") -> ModelBundle:
-    """Load a model dir, a .gguf file or a built-in name (see `fmforge models`), in eval mode."""
+def load_bundle(
+    model: str | os.PathLike, device: str | torch.device = "cpu", kind: str | None = None
+) -> ModelBundle:
+    """Load a model dir, a .gguf file or a built-in name (see `fmforge models`), in eval mode.
+
+    kind "decoder" or "encoder" refuses the other family kind with a one-line error.
+    """
     name = str(model)
     if name in BUILTINS:
         builtin = BUILTINS[name]
@@ -139,9 +144,18 @@ def load_bundle(model: str | os.PathLike, device: str | torch.device = "cpu") ->
             hint = f"; did you mean {close[0]!r}?" if close else "; see `fmforge models`"
             raise UserError(f"model {name!r} is neither a model dir nor a built-in name{hint}")
         loaded = load_model_dir(path)
+    if kind is not None and loaded.kind != kind:
+        raise UserError(_WRONG_KIND[kind].format(model=name))
     loaded.model.to(device)
     loaded.model.eval()
     return loaded
+
+
+_WRONG_KIND = {
+    "decoder": "{model} is an encoder (it embeds and fills blanks); it cannot generate text",
+    "encoder": "{model} is a decoder (it generates text); embeddings need an encoder such as "
+    "minilm-l6",
+}
 
 
 def load_model_dir(path: str | os.PathLike) -> ModelBundle:

@@ -58,9 +58,9 @@ def serve(
 
         store = FeedbackStore(db)
         log.info("feedback store: %s", redact(store.url))
-    from fmforge.api import load_decoder
+    from fmforge.model.load import load_bundle
 
-    loaded = load_decoder(model)
+    loaded = load_bundle(model, kind="decoder")
     name = model if not os.path.isdir(model) else os.path.basename(os.path.normpath(model))
     settings = Settings(
         model_name=name,

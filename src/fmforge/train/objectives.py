@@ -33,3 +33,95 @@ def classification_loss(
     scores = model(batch["input_ids"], batch["lengths"])  # (B, L)
     loss = F.cross_entropy(scores.float(), batch["labels"])
     return loss, int(batch["lengths"].sum())
+
+
+IGNORE_INDEX = -100  # targets that are not scored
+
+# --- encoder objectives: masked LM (BERT) and contrastive InfoNCE (SimCSE) ----------------------
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    special_ids: list[int] | set[int],
+    mask_id: int,
+    vocab_size: int,
+    generator: torch.Generator,
+    probability: float = 0.15,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking: return (inputs, labels), each (B, T).
+
+    Each real non-special token is chosen with `probability`; a chosen token becomes [MASK] 80% of
+    the time, a random non-special token 10%, and stays itself 10%. labels hold the original id at
+    chosen positions and -100 elsewhere; special tokens and padding are never chosen. The same
+    generator state gives the same masks.
+    """
+    special = torch.tensor(sorted(special_ids), dtype=input_ids.dtype)
+    eligible = attention_mask.bool() & ~torch.isin(input_ids, special)  # (B, T)
+    draws = torch.rand(input_ids.shape, generator=generator)  # (B, T): one per decision
+    chosen = eligible & (torch.rand(input_ids.shape, generator=generator) < probability)
+    labels = input_ids.masked_fill(~chosen, IGNORE_INDEX)
+    to_mask = chosen & (draws < 0.8)
+    to_random = chosen & (draws >= 0.8) & (draws < 0.9)
+    allowed = torch.ones(vocab_size, dtype=torch.bool)
+    allowed[special] = False
+    candidates = allowed.nonzero().squeeze(1)  # ids a random replacement may take
+    picks = candidates[torch.randint(len(candidates), input_ids.shape, generator=generator)]
+    inputs = torch.where(to_mask, torch.full_like(input_ids, mask_id), input_ids)
+    inputs = torch.where(to_random, picks, inputs)
+    return inputs, labels
+
+
+def masked_lm_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked-LM: summed cross-entropy at the chosen positions only, and how many there were.
+
+    batch: input_ids (B, T) after `mask_tokens`, attention_mask (B, T), labels (B, T) with -100
+    where nothing is predicted. The vocabulary projection runs only on the scored rows.
+    """
+    labels = batch["labels"]
+    scored = labels != IGNORE_INDEX  # (B, T)
+    logits = model(batch["input_ids"], batch["attention_mask"], positions=scored)  # (N, V)
+    loss = F.cross_entropy(logits.float(), labels[scored], reduction="sum")
+    return loss, scored.sum()
+
+
+def info_nce(
+    anchors: torch.Tensor, positives: torch.Tensor, temperature: float = 0.05
+) -> torch.Tensor:
+    """Return the summed InfoNCE loss of (B, C) anchors against (B, C) positives.
+
+    Row i's positive is positives[i]; every other row of the batch is a negative (in-batch
+    negatives). Similarity is cosine divided by the temperature (0.05: scale 20).
+    """
+    a = F.normalize(anchors.float(), dim=-1)
+    p = F.normalize(positives.float(), dim=-1)
+    scores = a @ p.T / temperature  # (B, B)
+    targets = torch.arange(len(a), device=a.device)
+    return F.cross_entropy(scores, targets, reduction="sum")
+
+
+def info_nce_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], temperature: float = 0.05
+) -> tuple[torch.Tensor, int]:
+    """Contrastive InfoNCE over mean-pooled sentence embeddings; one scored pair per example.
+
+    batch: input_ids/attention_mask (B, T) for the anchors and, for supervised pairs,
+    pair_input_ids/pair_attention_mask (B, T') for their positives. Without a pair the anchors are
+    their own positives through a second forward pass with an independent dropout mask
+    (unsupervised SimCSE), run as one (2B, T) batch.
+    """
+    from fmforge.model.heads import mean_pool
+
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    b = ids.shape[0]
+    if "pair_input_ids" in batch:
+        anchors = mean_pool(model.encode(ids, mask), mask)  # (B, C)
+        pair_mask = batch["pair_attention_mask"]
+        positives = mean_pool(model.encode(batch["pair_input_ids"], pair_mask), pair_mask)
+    else:
+        both_ids, both_mask = torch.cat([ids, ids]), torch.cat([mask, mask])  # (2B, T)
+        pooled = mean_pool(model.encode(both_ids, both_mask), both_mask)  # (2B, C)
+        anchors, positives = pooled[:b], pooled[b:]
+    return info_nce(anchors, positives, temperature), b

@@ -1,0 +1,71 @@
+"""Masked LM: masking statistics, the loss contract, and a trained model filling blanks."""
+
+from __future__ import annotations
+
+import torch
+
+from fmforge.train.objectives import IGNORE_INDEX, mask_tokens, masked_lm_loss
+
+SPECIAL = {0, 1, 2, 3, 4}  # [PAD] [UNK] [CLS] [SEP] [MASK]
+MASK_ID, VOCAB = 4, 500
+
+
+def _rows(n_rows=1200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(20, 160, (n_rows,), generator=g)
+    width = int(lengths.max())
+    ids = torch.zeros(n_rows, width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths.tolist()):
+        ids[i, :n] = torch.randint(5, VOCAB, (n,), generator=g)
+        ids[i, 0], ids[i, n - 1] = 2, 3  # [CLS] ... [SEP]
+        ids[i, n // 2] = 1  # an [UNK] inside: special, never chosen
+        mask[i, :n] = 1
+    return ids, mask
+
+
+def test_masking_statistics_over_100k_tokens():
+    ids, mask = _rows()
+    eligible = mask.bool() & ~torch.isin(ids, torch.tensor(sorted(SPECIAL)))
+    assert eligible.sum() >= 100_000
+    g = torch.Generator().manual_seed(7)
+    inputs, labels = mask_tokens(ids, mask, SPECIAL, MASK_ID, VOCAB, g)
+    chosen = labels != IGNORE_INDEX
+    assert not (chosen & ~eligible).any()  # specials and padding never chosen
+    assert torch.equal(labels[chosen], ids[chosen])
+    assert torch.equal(inputs[~chosen], ids[~chosen])  # unchosen tokens untouched
+    rate = chosen.sum().item() / eligible.sum().item()
+    assert abs(rate - 0.15) <= 0.005
+    n = chosen.sum().item()
+    masked = (inputs[chosen] == MASK_ID).sum().item() / n
+    kept = (inputs[chosen] == ids[chosen]).sum().item() / n
+    randomised = 1 - masked - kept
+    assert abs(masked - 0.8) <= 0.01
+    assert abs(randomised - 0.1) <= 0.01  # a random pick can equal the original: ~0.2% of 10%
+    assert abs(kept - 0.1) <= 0.01
+    assert not torch.isin(inputs[chosen & (inputs != ids)], torch.tensor([0, 1, 2, 3])).any()
+    again = mask_tokens(ids, mask, SPECIAL, MASK_ID, VOCAB, torch.Generator().manual_seed(7))
+    other = mask_tokens(ids, mask, SPECIAL, MASK_ID, VOCAB, torch.Generator().manual_seed(8))
+    assert torch.equal(again[0], inputs) and torch.equal(again[1], labels)
+    assert not torch.equal(other[1], labels)
+
+
+def test_masked_lm_loss_sums_over_chosen_positions_only():
+    from encoders import tiny_bert_config
+    from fmforge.model.heads import BertForMaskedLM
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(tiny_bert_config(VOCAB)).eval()
+    ids, mask = _rows(4)
+    ids, mask = ids[:, :40], mask[:, :40]
+    inputs, labels = mask_tokens(
+        ids, mask, SPECIAL, MASK_ID, VOCAB, torch.Generator().manual_seed(1)
+    )
+    batch = {"input_ids": inputs, "attention_mask": mask, "labels": labels}
+    with torch.no_grad():
+        loss, count = masked_lm_loss(model, batch)
+        logits = model(inputs, mask)  # (B, T, V)
+    chosen = labels != IGNORE_INDEX
+    assert int(count) == int(chosen.sum()) > 0
+    expected = torch.nn.functional.cross_entropy(logits[chosen], labels[chosen], reduction="sum")
+    assert torch.allclose(loss, expected, atol=1e-4)
