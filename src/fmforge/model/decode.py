@@ -33,6 +33,7 @@ from torch import nn
 from fmforge.model import native
 from fmforge.model.kv_cache import CacheRows, KVCache
 from fmforge.model.layers import RMSNorm, apply_rope_one, decode_attention
+from fmforge.model.quantize import QuantLinear, decode_matmul
 
 
 def bmm_split_count(out_features: int, device: torch.device) -> int:
@@ -55,21 +56,25 @@ class DecodeWeights:
     """
 
     def __init__(self, groups: list[tuple[nn.Linear, ...]], heads: tuple[int, int, int]):
-        self.sources = [m.weight for group in groups for m in group]
+        self.sources = [decode_source(m) for group in groups for m in group]
         self.key = self.key_of(self.sources)
-        first = self.sources[0]
+        first = next((w for w in self.sources if w.is_floating_point()), self.sources[0])
         self.threads = torch.get_num_threads()
-        self.groups = [[m.weight.detach() for m in group] for group in groups]
+        # a group of QuantLinears keeps its modules: their products run in model/quantize.py
+        self.groups = [
+            list(g) if isinstance(g[0], QuantLinear) else [m.weight.detach() for m in g]
+            for g in groups
+        ]
         self.outs = [sum(m.out_features for m in group) for group in groups]
         self.kernel = None
         if (
             first.device.type == "cpu"
-            and first.dtype == torch.float32
+            and all(w.dtype == torch.float32 for w in self.sources if w.is_floating_point())
             and all(w.is_contiguous() for w in self.sources)
         ):
             self.kernel = native.library()
         self.buffer: torch.Tensor | None = None  # the torch path's blocked copy
-        self.blocks: list[torch.Tensor] = []
+        self.blocks: list[torch.Tensor | None] = []
         if self.kernel is None:
             self._copy_blocks(groups, first)
         h, kv, d = heads
@@ -78,6 +83,9 @@ class DecodeWeights:
     def _copy_blocks(self, groups: list[tuple[nn.Linear, ...]], first: torch.Tensor) -> None:
         shapes = []  # (n, C_in, C_out / n) per group
         for group, c_out in zip(groups, self.outs):
+            if isinstance(group[0], QuantLinear):
+                shapes.append((0, 0, 0))  # no copy: decode_matmul reads the int weights
+                continue
             n = bmm_split_count(c_out, first.device)
             shapes.append((n, group[0].in_features, c_out // n))
         self.buffer = torch.empty(
@@ -88,6 +96,9 @@ class DecodeWeights:
         offset = 0
         with torch.no_grad():
             for group, (n, c_in, block) in zip(groups, shapes):
+                if n == 0:
+                    self.blocks.append(None)  # a QuantLinear group
+                    continue
                 view = self.buffer[offset : offset + n * c_in * block].view(n, c_in, block)
                 weight = torch.cat([m.weight for m in group])  # (C_out, C_in)
                 view.copy_(weight.t().reshape(c_in, n, block).permute(1, 0, 2))
@@ -109,6 +120,8 @@ class DecodeWeights:
 
     def matmul(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Return x (B, C_in) times group `index`'s fused weight: (B, C_out)."""
+        if isinstance(self.groups[index][0], QuantLinear):
+            return decode_matmul(self.groups[index], x)
         b = x.shape[0]
         if self.kernel is not None:
             x = x.contiguous()
@@ -131,8 +144,15 @@ class DecodeWeights:
 
 
 def plain_linear(module: nn.Module) -> bool:
-    """True for an nn.Linear without bias and not wrapped or subclassed by an adapter."""
-    return type(module) is nn.Linear and module.bias is None
+    """True for an nn.Linear without bias, not wrapped or subclassed by an adapter, or a
+    QuantLinear (model/quantize.py)."""
+    return (type(module) is nn.Linear and module.bias is None) or type(module) is QuantLinear
+
+
+def decode_source(module: nn.Module) -> torch.Tensor:
+    """Return the tensor whose identity and version stand for a linear's weight in `current`:
+    the weight, or a QuantLinear's int weight (its `.weight` is computed on each access)."""
+    return module.qweight if isinstance(module, QuantLinear) else module.weight
 
 
 class TorchOps:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmforge.model.config import LlamaConfig
-from fmforge.model.decode import DecodeWeights, plain_linear
+from fmforge.model.decode import DecodeWeights, decode_source, plain_linear
 from fmforge.model.kv_cache import CacheRows, KVCache
 from fmforge.model.layers import (
     RMSNorm,
@@ -194,7 +194,7 @@ class LlamaForCausalLM(nn.Module):
         groups.append((self.lm_head,))
         if not all(plain_linear(m) for group in groups for m in group):
             return None
-        weights = [m.weight for group in groups for m in group]
+        weights = [decode_source(m) for group in groups for m in group]
         c = self.config
         cached = self.__dict__.get("_decode_weights")  # a plain attribute: not in state_dict
         if cached is None or not cached.current(weights):
@@ -253,7 +253,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> KVCache:
         """Return an empty KV cache sized for this model."""
         c = self.config
-        weight = self.lm_head.weight
+        weight = self.model.embed_tokens.weight  # lm_head may be quantised (model/quantize.py)
         return KVCache(
             c.num_hidden_layers,
             batch_size,

@@ -1,0 +1,294 @@
+"""Weight-only quantisation as model surgery: `quantize_model(model, bits=8|4)` swaps every
+bias-free nn.Linear (the lm_head included) for a `QuantLinear` that keeps its weight as int8 or
+int4 blocks and multiplies without ever writing an fp32 copy of it.
+
+Formats (the blocks of llama.cpp's Q8_0 and Q4_0, one fp16 scale per block):
+- int8, groups of 32 (default): q = round(w / s) in [-127, 127], s = max|w| / 127 per 32 inputs;
+- int8, per output channel (group_size=0): one s per row, the same rule over the whole row;
+- int4, groups of 32: s = m / -8 where m is the block's value of largest magnitude,
+  q = clamp(round(w / s), -8, 7), stored as q + 8, two per byte (see native/quant.c).
+Rows whose width is not a multiple of 32 are padded with zero inputs. Embeddings and norms stay
+fp32 (an embedding is gathered one row per token, so it is never a decode step's cost); a tied
+lm_head gets its own quantised copy. With the default head_bits, int4 models keep the lm_head at
+int8, as llama.cpp keeps its output matrix at higher precision: the logits are the most sensitive
+product of the network.
+
+A quantised model dir is an ordinary model dir whose config.json has
+`"quantization_config": {"quant_method": "fmforge", "bits", "group_size", "head_bits"}` and whose
+model.safetensors holds, for each quantised linear `NAME`, `NAME.qweight` (int8 (out, in_padded),
+or uint8 (out, in_padded / 2) for int4) and `NAME.scales` (fp16 (out, groups)) instead of
+`NAME.weight`. `fmforge.load` rebuilds the QuantLinears from that key before reading the weights.
+
+The products run in native/quant.c when it builds (activations quantised to int8 per block of 32,
+integer dot products, like llama.cpp); otherwise, or while gradients flow to the input, the weight
+is dequantised in torch and F.linear runs: slower, same maths up to the activation rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fmforge.errors import ConfigError, UserError
+from fmforge.model.native import quant as native_quant
+
+BLOCK = 32
+QUANT_METHOD = "fmforge"
+BITS = (8, 4)
+
+
+def _padded(in_features: int) -> int:
+    return -(-in_features // BLOCK) * BLOCK
+
+
+def quantize_weight(weight: torch.Tensor, bits: int, group_size: int = BLOCK):
+    """Return (qweight, scales) for an fp weight (out, in): the layouts in the module docstring."""
+    out, cols = weight.shape
+    kp = _padded(cols)
+    w = torch.zeros(out, kp, dtype=torch.float32, device=weight.device)
+    w[:, :cols] = weight.detach().float()
+    if bits == 8:
+        group = kp if group_size == 0 else group_size
+        blocks = w.view(out, kp // group, group)  # (out, groups, G)
+        scales = (blocks.abs().amax(-1) / 127).half()  # (out, groups), rounded as stored
+        divisor = scales.float().masked_fill(scales == 0, 1.0).unsqueeze(-1)
+        q = torch.round(blocks / divisor).clamp_(-127, 127).to(torch.int8)
+        return q.view(out, kp), scales
+    if bits != 4 or group_size != BLOCK:
+        raise ConfigError(
+            f"bits={bits}, group_size={group_size}: supported are 8 (32 or 0), 4 (32)"
+        )
+    blocks = w.view(out, kp // BLOCK, BLOCK)  # (out, groups, 32)
+    index = blocks.abs().argmax(-1, keepdim=True)
+    scales = (blocks.gather(-1, index).squeeze(-1) / -8).half()  # (out, groups)
+    divisor = scales.float().masked_fill(scales == 0, 1.0).unsqueeze(-1)
+    q = (torch.round(blocks / divisor).clamp_(-8, 7) + 8).to(torch.uint8)  # 0..15
+    packed = q[..., : BLOCK // 2] | (q[..., BLOCK // 2 :] << 4)  # (out, groups, 16)
+    return packed.reshape(out, kp // 2), scales
+
+
+def dequantize_weight(
+    qweight: torch.Tensor, scales: torch.Tensor, bits: int, in_features: int
+) -> torch.Tensor:
+    """Return the fp32 weight (out, in_features) that (qweight, scales) stand for."""
+    out, groups = scales.shape
+    if bits == 8:
+        kp = qweight.shape[1]
+        w = qweight.float().view(out, groups, kp // groups) * scales.float().unsqueeze(-1)
+    else:
+        packed = qweight.view(out, groups, BLOCK // 2)  # (out, groups, 16)
+        q = torch.cat((packed & 0x0F, packed >> 4), dim=-1).float() - 8  # (out, groups, 32)
+        w = q * scales.float().unsqueeze(-1)
+    return w.reshape(out, -1)[:, :in_features]
+
+
+class QuantLinear(nn.Module):
+    """A bias-free linear with an int8 or int4 weight: x (..., in) -> (..., out)."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = BLOCK):
+        super().__init__()
+        if bits not in BITS or (bits == 4 and group_size != BLOCK) or group_size not in (0, BLOCK):
+            raise ConfigError(
+                f"bits={bits}, group_size={group_size}: supported are 8 (32 or 0), 4 (32)"
+            )
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        kp = _padded(in_features)
+        groups = 1 if group_size == 0 else kp // BLOCK
+        dtype, width = (torch.int8, kp) if bits == 8 else (torch.uint8, kp // 2)
+        self.register_buffer("qweight", torch.zeros(out_features, width, dtype=dtype))
+        self.register_buffer("scales", torch.zeros(out_features, groups, dtype=torch.float16))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = BLOCK) -> QuantLinear:
+        """Return the quantised twin of a bias-free nn.Linear."""
+        module = cls(linear.in_features, linear.out_features, bits, group_size)
+        qweight, scales = quantize_weight(linear.weight, bits, group_size)
+        module.qweight, module.scales = qweight, scales
+        return module.to(linear.weight.device)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantised fp32 weight (out, in): computed on each access, never stored."""
+        return dequantize_weight(self.qweight, self.scales, self.bits, self.in_features)
+
+    def extra_repr(self) -> str:
+        group = "per channel" if self.group_size == 0 else f"groups of {self.group_size}"
+        return f"{self.in_features}, {self.out_features}, int{self.bits}, {group}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if native_ready(x, self) and not (torch.is_grad_enabled() and x.requires_grad):
+            rows = x.reshape(-1, self.in_features)
+            return grouped_matmul([self], rows).view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight.to(x.dtype))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name, dtype in (("qweight", self.qweight.dtype), ("scales", torch.float16)):
+            tensor = state_dict.get(prefix + name)
+            if tensor is not None and tensor.dtype != dtype:
+                raise UserError(
+                    f"{prefix}{name} is {tensor.dtype}, a quantised int{self.bits} layer needs "
+                    f"{dtype}; the quantised model dir is corrupted: quantize it again"
+                )
+        scales = state_dict.get(prefix + "scales")
+        if scales is not None and not torch.isfinite(scales).all():
+            raise UserError(
+                f"{prefix}scales holds NaN or infinite values; the quantised model dir is "
+                "corrupted: quantize it again"
+            )
+        qweight = state_dict.get(prefix + "qweight")
+        if qweight is not None and self.bits == 8 and qweight.numel() and qweight.min() < -127:
+            raise UserError(f"{prefix}qweight holds -128, outside int8's [-127, 127]: corrupted")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def native_ready(x: torch.Tensor, module: QuantLinear) -> bool:
+    """True when the native kernels can run this product (CPU, fp32 input, library built)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and module.qweight.device.type == "cpu"
+        and native_quant.library() is not None
+    )
+
+
+def grouped_matmul(modules: list[QuantLinear], x: torch.Tensor) -> torch.Tensor:
+    """Return x (B, C_in) times the group's weights, outputs side by side: (B, sum C_out).
+
+    The modules share their input (q/k/v, gate/up), so x is quantised once for all of them.
+    Needs `native_ready`; decode steps call this through model/decode.py.
+    """
+    lib = native_quant.library()
+    x = x.contiguous()
+    rows, k = x.shape
+    kp = _padded(k)
+    blocks = kp // BLOCK
+    xq = torch.empty(rows, kp, dtype=torch.int8)
+    dx = torch.empty(rows, blocks, dtype=torch.float32)
+    xsum = torch.empty(rows, blocks, dtype=torch.int32)
+    lib.fmforge_quantize_rows(
+        x.data_ptr(), rows, k, kp, xq.data_ptr(), dx.data_ptr(), xsum.data_ptr()
+    )
+    c_out = sum(m.out_features for m in modules)
+    y = torch.empty(rows, c_out, dtype=torch.float32)
+    start, threads = y.data_ptr(), torch.get_num_threads()
+    for m in modules:
+        n = m.out_features
+        if m.bits == 8:
+            per_scale = blocks // m.scales.shape[1]
+            lib.fmforge_gemm_q8(
+                xq.data_ptr(), dx.data_ptr(), xsum.data_ptr(), m.qweight.data_ptr(),
+                m.scales.data_ptr(), rows, kp, n, per_scale, start, c_out, threads,
+            )  # fmt: skip
+        else:
+            lib.fmforge_gemm_q4(
+                xq.data_ptr(), dx.data_ptr(), xsum.data_ptr(), m.qweight.data_ptr(),
+                m.scales.data_ptr(), rows, kp, n, start, c_out, threads,
+            )  # fmt: skip
+        start += n * y.element_size()
+    return y
+
+
+def decode_matmul(modules: list[QuantLinear], x: torch.Tensor) -> torch.Tensor:
+    """Return x (B, C_in) times the group's weights side by side, (B, sum C_out): the native
+    kernels when they run here, else the dequantised weights in torch."""
+    if native_ready(x, modules[0]):
+        return grouped_matmul(modules, x)
+    return torch.cat([F.linear(x, m.weight.to(x.dtype)) for m in modules], dim=-1)
+
+
+def parse_quantize(value: str | int | None) -> int | None:
+    """Return the bit width named by 'int8'/'int4'/'8'/'4' (None passes through)."""
+    if value is None:
+        return None
+    text = str(value).lower().removeprefix("int")
+    if text not in ("8", "4"):
+        raise ConfigError(f"quantize={value!r}: use int8 or int4 (bits 8 or 4)")
+    return int(text)
+
+
+def quantization_config(bits: int, group_size: int, head_bits: int) -> dict[str, Any]:
+    """Return the `quantization_config` entry a quantised model dir's config.json carries."""
+    return {
+        "quant_method": QUANT_METHOD,
+        "bits": bits,
+        "group_size": group_size,
+        "head_bits": head_bits,
+    }
+
+
+def _targets(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    found = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if type(child) is nn.Linear and child.bias is None:
+                found.append((parent, name, child))
+    return found
+
+
+def quantize_model(
+    model: nn.Module,
+    bits: int | str,
+    group_size: int = BLOCK,
+    head_bits: int | None = None,
+) -> nn.Module:
+    """Replace every bias-free nn.Linear of `model` by a QuantLinear, in place; return model.
+
+    bits 8 or 4 (or 'int8'/'int4'); group_size 32, or 0 for one int8 scale per output row;
+    head_bits: the lm_head's width (default: 8 for int4 models, else `bits`).
+    """
+    bits = parse_quantize(bits)
+    if bits == 4 and group_size != BLOCK:
+        raise ConfigError("int4 is quantised in groups of 32 only (group_size=32)")
+    if group_size not in (0, BLOCK):
+        raise ConfigError(f"group_size={group_size}: use 32, or 0 for one scale per output row")
+    if getattr(model, "quantization_config", None):
+        raise UserError("this model is already quantised; quantise the fp32 model instead")
+    head_bits = head_bits or (8 if bits == 4 else bits)
+    with torch.no_grad():
+        for parent, name, linear in _targets(model):
+            width = head_bits if name == "lm_head" else bits
+            group = group_size if width == 8 else BLOCK
+            setattr(parent, name, QuantLinear.from_linear(linear, width, group))
+    model.quantization_config = quantization_config(bits, group_size, head_bits)
+    model.__dict__.pop("_decode_weights", None)  # built from the fp32 weights
+    return model
+
+
+def prepare_quantized(model: nn.Module, config: Any, source: str = "config.json") -> None:
+    """Swap empty QuantLinears in for the linears a quantised dir's `quantization_config` names,
+    so that its model.safetensors loads into `model` (a freshly built fp32 model)."""
+    if not isinstance(config, dict) or config.get("quant_method") != QUANT_METHOD:
+        method = config.get("quant_method") if isinstance(config, dict) else config
+        raise UserError(
+            f"{source}: quantization_config quant_method {method!r} is not fmforge's; "
+            "fmforge loads only the dirs `fmforge quantize` writes"
+        )
+    try:
+        bits, group_size = int(config["bits"]), int(config["group_size"])
+        head_bits = int(config.get("head_bits", bits))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{source}: quantization_config lacks a valid {e}") from e
+    for value, allowed, what in ((bits, BITS, "bits"), (head_bits, BITS, "head_bits")):
+        if value not in allowed:
+            raise UserError(f"{source}: quantization_config {what}={value}: use 8 or 4")
+    if group_size not in (0, BLOCK):
+        raise UserError(f"{source}: quantization_config group_size={group_size}: use 32 or 0")
+    for parent, name, linear in _targets(model):
+        width = head_bits if name == "lm_head" else bits
+        group = group_size if width == 8 else BLOCK
+        setattr(parent, name, QuantLinear(linear.in_features, linear.out_features, width, group))
+    model.quantization_config = quantization_config(bits, group_size, head_bits)
+
+
+def quantized_bytes(model: nn.Module) -> int:
+    """Return the bytes of every parameter and buffer (quantised weights and scales included)."""
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
