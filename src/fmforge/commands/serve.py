@@ -29,6 +29,8 @@ def _serve_parser() -> ArgumentParser:
     p.add_argument("--max-queue", type=int, default=16, help="waiting sequences before 429")
     p.add_argument("--metrics", action="store_true", help="expose Prometheus /metrics")
     p.add_argument("--log-level", default="info", help="uvicorn log level")
+    p.add_argument("--embeddings", default=None, help="an encoder to serve /v1/embeddings with")
+    p.add_argument("--search-index", default=None, help="an index dir for /v1/search")
     return p
 
 
@@ -63,6 +65,8 @@ def _serve(args: Namespace) -> None:
         metrics=args.metrics,
         no_store=args.no_store,
         log_level=args.log_level,
+        embeddings=args.embeddings,
+        search_index=args.search_index,
     )
 
 

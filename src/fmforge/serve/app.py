@@ -205,8 +205,16 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def create_app(loaded: Any, settings: Settings | None = None, store: Any | None = None) -> FastAPI:
-    """Return the FastAPI app serving `loaded` (a LoadedModel) under `settings`."""
+def create_app(
+    loaded: Any,
+    settings: Settings | None = None,
+    store: Any | None = None,
+    embedder: Any | None = None,
+) -> FastAPI:
+    """Return the FastAPI app serving `loaded` (a LoadedModel) under `settings`.
+
+    `embedder` (serve/embeddings.py) adds an encoder's /v1/embeddings and /v1/search.
+    """
     settings = settings or Settings()
     server = Server(loaded, settings, store)
 
@@ -235,6 +243,10 @@ def create_app(loaded: Any, settings: Settings | None = None, store: Any | None 
     )
     app.state.server = server
     install_error_handlers(app)
+    if embedder is not None:  # registered first, so it answers /v1/embeddings
+        from fmforge.serve.embeddings import embeddings_router
+
+        app.include_router(embeddings_router(embedder))
     public = ("/health", "/", "/playground/", "/favicon.ico")
     app.add_middleware(
         GuardMiddleware,

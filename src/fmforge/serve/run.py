@@ -26,6 +26,8 @@ def serve(
     metrics: bool = False,
     no_store: bool = False,
     log_level: str = "info",
+    embeddings: str | None = None,
+    search_index: str | None = None,
 ) -> None:
     """Load `model` and serve it on host:port until SIGTERM/Ctrl-C (which drain in-flight work)."""
     import contextlib
@@ -69,7 +71,14 @@ def serve(
         max_queue=max_queue,
         metrics=metrics,
     )
-    app = create_app(loaded, settings, store)
+    embedder = None
+    if embeddings is not None:
+        from fmforge.serve.embeddings import load_embedder
+
+        embedder = load_embedder(embeddings, search_index, decoder_name=name)
+    elif search_index is not None:
+        raise UserError("--search-index needs --embeddings ENCODER (the model that built it)")
+    app = create_app(loaded, settings, store, embedder=embedder)
     config = uvicorn.Config(
         app,
         host=host,
