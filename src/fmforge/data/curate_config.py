@@ -34,6 +34,7 @@ class CurateConfig:
     cost_preset: str = "small"  # model preset for the training FLOPs of the kept tokens
     ray_address: str | None = None  # an existing Ray cluster; None starts a local one
     seed: int = 1  # MinHash permutations
+    plots: bool = True  # write signals.png, clusters.png and lsh.png
 
     def check(self) -> None:
         """Raise ConfigError naming the key of any invalid value."""

@@ -131,7 +131,8 @@ def write_report(
         "seconds": round(seconds, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    _plots(out, signal_values, filters, cluster_sizes, dedup_result)
+    if cfg.plots:
+        _plots(out, signal_values, filters, cluster_sizes, dedup_result)
     write_json_atomic(out / "report.json", report)
     (out / "report.md").write_text(_markdown(report), encoding="utf-8")
     return report
@@ -157,9 +158,10 @@ def _plots(out: Path, signal_values, filters, cluster_sizes, dedup_result) -> No
         ax.axvline(f.threshold, color="#c44e52", linestyle="--")
         ax.set_title(f"{f.signal} ({f.keep} {f.threshold:g})", fontsize=8)
         ax.tick_params(labelsize=7)
+        ax.locator_params(nbins=4)
     for ax in list(axes.flat)[len(shown) :]:
         ax.axis("off")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.04, right=0.98, bottom=0.05, top=0.95, hspace=0.6, wspace=0.3)
     fig.savefig(out / "signals.png", dpi=80, metadata={"Software": None})
     plt.close(fig)
 
