@@ -57,15 +57,21 @@ def typed(bundle: ModelBundle) -> LoadedModel | LoadedEncoder:
 
 
 def load(
-    model: str | os.PathLike, device: str | torch.device = "cpu"
+    model: str | os.PathLike, device: str | torch.device = "cpu", quantize: str | None = None
 ) -> LoadedModel | LoadedEncoder:
-    """Load a model dir, a .gguf file or a built-in name (see `fmforge models`)."""
-    return typed(load_bundle(model, device=device))
+    """Load a model dir, a .gguf file or a built-in name (see `fmforge models`).
+
+    quantize "int8" or "int4" quantises a decoder's weights in memory (docs/quantize.md).
+    """
+    return typed(load_bundle(model, device=device, quantize=quantize))
 
 
-def load_decoder(model: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
+def load_decoder(
+    model: str | os.PathLike, device: str | torch.device = "cpu", quantize: str | None = None
+) -> LoadedModel:
     """Load a model that generates text; an encoder gets a one-line error."""
-    return LoadedModel(**vars(load_bundle(model, device=device, kind="decoder")))
+    bundle = load_bundle(model, device=device, kind="decoder", quantize=quantize)
+    return LoadedModel(**vars(bundle))
 
 
 def load_encoder(model: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedEncoder:

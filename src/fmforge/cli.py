@@ -26,6 +26,7 @@ from fmforge.commands import (  # noqa: F401
     encoder,
     generation,
     pipeline,
+    quantize,
     serve,
 )
 from fmforge.commands import new_parser as _parser
@@ -33,7 +34,7 @@ from fmforge.errors import UserError
 
 # Top-level commands in lifecycle order for --help.
 HELP_ORDER = ["quickstart", "tokenizer", "data", "pretrain", "generate", "chat", "fill", "embed",
-              "search", "export",
+              "search", "quantize", "export",
               "adapt", "eval", "experiment", "serve", "feedback", "cost", "scaling", "models",
               "env"]  # fmt: skip
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -30,6 +31,7 @@ def _generate_parser() -> ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("--system", default=None, help="with --chat: the system message")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--quantize", default=None, help="int8 or int4: quantise the weights in memory")
     _add_sampling_arguments(p)
     return p
 
@@ -38,22 +40,25 @@ def _chat_parser() -> ArgumentParser:
     p = new_parser("Chat interactively (streaming, multi-turn). Type /reset or /exit.")
     p.add_argument("model", help="a model dir, a built-in name (fmforge models) or a .gguf file")
     p.add_argument("--system", default=None, help="the system message")
+    p.add_argument("--quantize", default=None, help="int8 or int4: quantise the weights in memory")
     _add_sampling_arguments(p)
     return p
 
 
 def _export_parser() -> ArgumentParser:
-    p = new_parser("Write any loadable model (a GGUF base included) as an HF-format model dir.")
+    p = new_parser("Write a model as an HF-format dir (transformers) or a GGUF file (llama.cpp).")
     p.add_argument("model", help="a model dir, a built-in name (fmforge models) or a .gguf file")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--out", required=True, help="output directory (hf) or file (gguf)")
+    p.add_argument("--format", default="hf", help="hf (a model dir) or gguf (one file)")
+    p.add_argument("--dtype", default="f32", help="gguf only: f32, f16, q8_0 or q4_0")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return p
 
 
-def _load_model(name: str) -> Any:
+def _load_model(name: str, quantize: str | None = None) -> Any:
     from fmforge.api import load_decoder
 
-    return load_decoder(name)
+    return load_decoder(name, quantize=quantize)
 
 
 def _sampling_kwargs(args: Namespace) -> dict[str, Any]:
@@ -78,7 +83,7 @@ def _print_stream(deltas: Any) -> None:
 def _generate(args: Namespace) -> None:
     if not args.prompt:
         raise UserError("--prompt is empty; give some text to continue")
-    loaded = _load_model(args.model)
+    loaded = _load_model(args.model, args.quantize)
     kwargs = _sampling_kwargs(args)
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -94,7 +99,7 @@ def _generate(args: Namespace) -> None:
 
 @command("chat", _chat_parser)
 def _chat(args: Namespace) -> None:
-    loaded = _load_model(args.model)
+    loaded = _load_model(args.model, args.quantize)
     kwargs = _sampling_kwargs(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = list(system)
@@ -137,6 +142,20 @@ def _echo(deltas: Any) -> Any:
 def _export(args: Namespace) -> None:
     from fmforge.artifacts import check_output_dir
 
+    if args.format not in ("hf", "gguf"):
+        raise UserError(f"--format {args.format!r}: choose hf or gguf")
+    if args.format == "gguf":
+        from fmforge.model.gguf_export import DTYPES, export_gguf
+
+        if args.dtype not in DTYPES:
+            raise UserError(f"--dtype {args.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if os.path.exists(args.out) and not args.overwrite:
+            raise UserError(f"--out {args.out} exists; pass --overwrite to replace it")
+        path = export_gguf(_load_model(args.model), args.out, args.dtype)
+        print(f"wrote {path} (GGUF, {args.dtype}); llama.cpp and fmforge load it")
+        return
+    if args.dtype != "f32":
+        raise UserError("--dtype applies to --format gguf; an hf export keeps the model's dtype")
     check_output_dir(args.out, args.overwrite)  # refuse before a slow load
     loaded = _load_model(args.model)
     path = loaded.save(args.out, overwrite=args.overwrite)

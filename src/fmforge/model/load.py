@@ -118,11 +118,15 @@ def package_dir(package: str, install: str) -> Path:
 
 
 def load_bundle(
-    model: str | os.PathLike, device: str | torch.device = "cpu", kind: str | None = None
+    model: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    kind: str | None = None,
+    quantize: str | None = None,
 ) -> ModelBundle:
     """Load a model dir, a .gguf file or a built-in name (see `fmforge models`), in eval mode.
 
     kind "decoder" or "encoder" refuses the other family kind with a one-line error.
+    quantize "int8" or "int4": quantise the decoder's linears in memory (model/quantize.py).
     """
     name = str(model)
     if name in BUILTINS:
@@ -146,6 +150,12 @@ def load_bundle(
         loaded = load_model_dir(path)
     if kind is not None and loaded.kind != kind:
         raise UserError(_WRONG_KIND[kind].format(model=name))
+    if quantize is not None:
+        from fmforge.model.quantize import quantize_model
+
+        if loaded.kind != "decoder":
+            raise UserError(f"--quantize applies to decoders; {name} is an {loaded.kind}")
+        quantize_model(loaded.model, quantize)
     loaded.model.to(device)
     loaded.model.eval()
     return loaded
@@ -173,6 +183,10 @@ def load_model_dir(path: str | os.PathLike) -> ModelBundle:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{config_file}: not valid JSON ({e})") from e
     model, config = build_model(hf_config)
+    if "quantization_config" in hf_config:  # a dir written by `fmforge quantize`
+        from fmforge.model.quantize import prepare_quantized
+
+        prepare_quantized(model, hf_config["quantization_config"], str(config_file))
     load_weights(model, path / "model.safetensors")
     tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").is_file() else None
     provenance = {}
@@ -385,7 +399,10 @@ def save_model_dir(
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # HF re-ties it from embed_tokens on load
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        write_json_atomic(tmp / "config.json", config.to_hf_dict())
+        hf_config = config.to_hf_dict()
+        if getattr(model, "quantization_config", None):  # see model/quantize.py
+            hf_config["quantization_config"] = model.quantization_config
+        write_json_atomic(tmp / "config.json", hf_config)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         generation = {
             "bos_token_id": config.bos_token_id,

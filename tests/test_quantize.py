@@ -1,0 +1,214 @@
+"""Weight-only quantisation: block formats, the native kernels against a torch reference, decode
+steps on quantised layers, quantised model dirs and their bad inputs."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fmforge.cli import main
+from fmforge.generate.engine import generate_tokens
+from fmforge.model.llama import LlamaForCausalLM
+from fmforge.model.load import ModelBundle, load_bundle
+from fmforge.model.native import quant as native_quant
+from fmforge.model.quantize import (
+    QuantLinear,
+    dequantize_weight,
+    grouped_matmul,
+    quantize_model,
+    quantize_weight,
+)
+from fmforge.tokenizer import Tokenizer
+
+needs_kernels = pytest.mark.skipif(
+    native_quant.library() is None, reason=f"native kernels: {native_quant.status()}"
+)
+
+
+def quantised_activations(x: torch.Tensor) -> torch.Tensor:
+    """x (B, k) rounded as the kernels round it: int8 per block of 32, scale max|x| / 127."""
+    rows, k = x.shape
+    kp = -(-k // 32) * 32
+    padded = torch.zeros(rows, kp)
+    padded[:, :k] = x
+    blocks = padded.view(rows, kp // 32, 32)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    q = torch.round(blocks / scale.masked_fill(scale == 0, 1))
+    return (q * scale).view(rows, kp)[:, :k]
+
+
+@pytest.mark.parametrize("bits,group", [(8, 32), (8, 0), (4, 32)])
+def test_round_trip_error_is_within_half_a_step(bits, group):
+    weight = torch.randn(48, 96)
+    qweight, scales = quantize_weight(weight, bits, group)
+    back = dequantize_weight(qweight, scales, bits, 96)
+    step = scales.float().abs().repeat_interleave(96 // scales.shape[1], dim=1)
+    assert qweight.dtype == (torch.int8 if bits == 8 else torch.uint8)
+    assert qweight.shape == (48, 96 if bits == 8 else 48)
+    # round to nearest: never more than half a step (plus fp16 scale rounding) from the weight;
+    # int4's range is [-8, 7] steps around the largest value, so the far side may clip by 1 step
+    bound = (0.5 if bits == 8 else 1.0) * step + 1e-3 * weight.abs()
+    assert ((back - weight).abs() <= bound).all()
+    assert (back - weight).abs().max() > 0  # it did quantise
+
+
+def test_int4_block_layout_matches_q4_0():
+    """Byte i of a block holds element i (low nibble) and element 16 + i (high), as q + 8."""
+    weight = torch.zeros(1, 32)
+    weight[0, 0], weight[0, 16], weight[0, 5] = -8.0, 4.0, 1.0  # scale = -8 / -8 = 1
+    qweight, scales = quantize_weight(weight, 4)
+    assert scales.item() == 1.0
+    assert qweight[0, 0].item() == (-8 + 8) | ((4 + 8) << 4)
+    assert qweight[0, 5].item() == (1 + 8) | (8 << 4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits,group", [(8, 32), (8, 0), (4, 32)])
+@pytest.mark.parametrize("in_features", [64, 200])  # 200: padded to 224
+def test_kernel_matches_torch_reference(bits, group, in_features):
+    """The kernel's product equals the dequantised weight times the activations rounded as the
+    kernel rounds them, for 1..5 rows and output counts that are not multiples of 4."""
+    linear = torch.nn.Linear(in_features, 37, bias=False)
+    layer = QuantLinear.from_linear(linear, bits, group)
+    for rows in (1, 3, 5):
+        x = torch.randn(rows, in_features)
+        with torch.no_grad():
+            got = grouped_matmul([layer], x)
+            want = quantised_activations(x) @ layer.weight.T
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+def test_grouped_product_puts_outputs_side_by_side():
+    layers = [QuantLinear.from_linear(torch.nn.Linear(64, n, bias=False), 8) for n in (12, 8, 8)]
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        fused = grouped_matmul(layers, x)
+        alone = torch.cat([grouped_matmul([m], x) for m in layers], dim=-1)
+    torch.testing.assert_close(fused, alone, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantised_model_stays_close_and_decode_equals_forward(tiny_config, bits):
+    model = LlamaForCausalLM(tiny_config).eval()
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 12))
+    with torch.no_grad():
+        reference = model(ids)
+        quantised = quantize_model(copy.deepcopy(model), bits)
+        assert isinstance(quantised.lm_head, QuantLinear)
+        assert quantised.lm_head.bits == 8  # the head stays int8 in int4 models
+        full = quantised(ids)
+        cache = quantised.new_cache(2, 32)
+        quantised(ids[:, :8], cache=cache)
+        weights = quantised.decode_weights()
+        assert weights is not None  # quantised layers take the decode fast path
+        steps = [quantised.decode_step(ids[:, t : t + 1], cache, t, weights) for t in range(8, 12)]
+    for t, logits in zip(range(8, 12), steps):
+        torch.testing.assert_close(logits, full[:, t], rtol=1e-4, atol=1e-4)
+    error = (full - reference).abs().max() / reference.abs().max()
+    assert 0 < error < (0.02 if bits == 8 else 0.15)
+
+
+def test_torch_fallback_matches_kernels(tiny_config, monkeypatch):
+    model = quantize_model(LlamaForCausalLM(tiny_config).eval(), 8)
+    prompt = torch.randint(0, tiny_config.vocab_size, (6,)).tolist()
+    native = generate_tokens(model, [prompt], 8)[0].tokens
+    monkeypatch.setattr(native_quant, "library", lambda: None)
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        fallback = model(ids)[0, -1]
+    monkeypatch.undo()
+    with torch.no_grad():
+        kernel = model(ids)[0, -1]
+    torch.testing.assert_close(fallback, kernel, rtol=0.02, atol=0.02)
+    assert fallback.argmax() == native[0] or kernel.argmax() == native[0]
+
+
+def test_quantize_twice_refused(tiny_config):
+    model = quantize_model(LlamaForCausalLM(tiny_config), 8)
+    with pytest.raises(Exception, match="already quantised"):
+        quantize_model(model, 4)
+
+
+@pytest.fixture
+def model_dir(tmp_path, tiny_config, tokenizer_dir):
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    config = copy.deepcopy(tiny_config)
+    config.vocab_size = 320
+    model = LlamaForCausalLM(config).eval()
+    bundle = ModelBundle(model, tokenizer, config)
+    return bundle.save(tmp_path / "fp32")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_command_writes_a_dir_that_loads_and_generates(model_dir, tmp_path, bits):
+    out = tmp_path / f"int{bits}"
+    assert main(["quantize", str(model_dir), "--bits", str(bits), "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["bits"] == bits
+    state = load_file(str(out / "model.safetensors"))
+    assert state["model.layers.0.mlp.up_proj.scales"].dtype == torch.float16
+    assert "model.layers.0.mlp.up_proj.weight" not in state
+    loaded = load_bundle(out)
+    in_memory = load_bundle(model_dir, quantize=f"int{bits}")
+    ids = torch.tensor([loaded.tokenizer.encode("def alpha_1(beta):")])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids), in_memory.model(ids), rtol=0, atol=0)
+    text = generate_tokens(loaded.model, [ids[0].tolist()], 5)[0].tokens
+    assert len(text) == 5
+
+
+def assert_one_line_error(capsys, code, *needles):
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line.startswith("fmforge: error")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_bits_3_is_a_one_line_error(model_dir, tmp_path, capsys):
+    code = main(["quantize", str(model_dir), "--bits", "3", "--out", str(tmp_path / "q")])
+    assert_one_line_error(capsys, code, "--bits 3")
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("corruption", ["nan", "dtype", "shape", "bytes"])
+def test_corrupted_scales_are_a_one_line_error(model_dir, tmp_path, capsys, corruption):
+    out = tmp_path / "int8"
+    assert main(["quantize", str(model_dir), "--bits", "8", "--out", str(out)]) == 0
+    file = out / "model.safetensors"
+    state = load_file(str(file))
+    key = "model.layers.1.self_attn.q_proj.scales"
+    if corruption == "nan":
+        state[key][3, 0] = float("nan")
+    elif corruption == "dtype":
+        state[key] = state[key].float()
+    elif corruption == "shape":
+        state[key] = state[key][:-1]
+    if corruption == "bytes":
+        data = bytearray(file.read_bytes())
+        data[:8] = b"\xff" * 8  # the header length
+        file.write_bytes(bytes(data))
+    else:
+        save_file(state, str(file))
+    capsys.readouterr()
+    code = main(["generate", str(out), "--prompt", "def", "--max-new-tokens", "2"])
+    assert_one_line_error(capsys, code, "safetensors" if corruption == "bytes" else key)
+
+
+def test_unknown_quantize_value_is_a_one_line_error(model_dir, capsys):
+    code = main(["generate", str(model_dir), "--prompt", "def", "--quantize", "int3"])
+    assert_one_line_error(capsys, code, "int3")
+
+
+def test_foreign_quantization_config_is_a_one_line_error(model_dir, capsys):
+    config = json.loads((model_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    code = main(["generate", str(model_dir), "--prompt", "def", "--max-new-tokens", "2"])
+    assert_one_line_error(capsys, code, "gptq")
