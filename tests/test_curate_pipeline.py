@@ -260,3 +260,15 @@ def test_unreadable_file_is_a_data_error(corpus, tmp_path, monkeypatch):
     with pytest.raises(DataError, match="locked.txt.*Permission denied.*permissions"):
         curate([str(locked)], out, _cfg(corpus))
     assert not out.exists()
+
+
+def test_ray_executor_matches_local(corpus, first_run, tmp_path):
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'fmforge[ray]'")
+    out = tmp_path / "ray"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        curate(_inputs(corpus), out, _cfg(corpus, executor="ray", workers=2))
+    finally:
+        ray.shutdown()
+    assert _files(out) == _files(first_run)
+    assert _stable_report(out) == _stable_report(first_run)
