@@ -111,12 +111,40 @@ class MinHasher:
         return out
 
 
-def band_keys(signature: np.ndarray, bands: int, rows: int) -> list[int]:
-    """Return one 64-bit key per band (the band index is mixed in, so bands never collide)."""
-    return [
-        xxhash.xxh3_64_intdigest(signature[i * rows : (i + 1) * rows].tobytes(), seed=i)
-        for i in range(bands)
-    ]
+def band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """Return (N, bands) uint64 keys, one per band of each (N, bands*rows) signature row."""
+    n = signatures.shape[0]
+    grouped = signatures[:, : bands * rows].reshape(n, bands, rows).astype(np.uint64)
+    keys = np.broadcast_to(np.arange(bands, dtype=np.uint64), (n, bands)).copy()
+    for r in range(rows):  # order-sensitive mix of the band's rows; wrap-around intended
+        keys = (keys ^ grouped[:, :, r]) * _MIX
+        keys ^= keys >> np.uint64(29)
+    return keys
+
+
+def bucket_pairs(
+    keys: np.ndarray, rank: np.ndarray, max_all_pairs: int = 64
+) -> set[tuple[int, int]]:
+    """Return (i, j) row pairs that share a key in some band, i before j in `rank` order.
+
+    A bucket of up to `max_all_pairs` rows gives every pair, so one failed verification cannot
+    split a cluster; a larger one gives a star and a chain, so the pair count stays linear.
+    """
+    pairs: set[tuple[int, int]] = set()
+    for band in range(keys.shape[1]):
+        column = keys[:, band]
+        order = np.lexsort((rank, column))  # by key, then by id rank
+        sorted_keys = column[order]
+        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+        ends = np.r_[starts[1:], len(order)]
+        for start, end in zip(starts[ends - starts > 1], ends[ends - starts > 1]):
+            members = order[start:end].tolist()
+            if len(members) <= max_all_pairs:
+                pairs.update((a, b) for k, a in enumerate(members) for b in members[k + 1 :])
+            else:
+                pairs.update((members[0], b) for b in members[1:])
+                pairs.update(zip(members[1:], members[2:]))
+    return pairs
 
 
 def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> float:
@@ -177,19 +205,9 @@ def near_duplicates(
     signatures: (N, bands*rows) uint32, row i for ids[i]. Candidate pairs are
     (id_a, id_b, estimated Jaccard, verified) with id_a < id_b, sorted.
     """
-    order = sorted(range(len(ids)), key=ids.__getitem__)  # id order makes every loop order-free
-    buckets: dict[tuple[int, int], list[int]] = {}
-    for i in order:
-        for band, key in enumerate(band_keys(signatures[i], bands, rows)):
-            buckets.setdefault((band, key), []).append(i)
-    pairs: set[tuple[int, int]] = set()
-    for members in buckets.values():
-        if len(members) > 1:
-            if len(members) <= 64:  # every pair, so one bad match cannot split a cluster
-                pairs.update((a, b) for k, a in enumerate(members) for b in members[k + 1 :])
-            else:  # a huge bucket: a star and a chain keep the pair count linear
-                pairs.update((members[0], b) for b in members[1:])
-                pairs.update(zip(members[1:], members[2:]))
+    rank = np.empty(len(ids), dtype=np.int64)  # id order makes every loop order-free
+    rank[sorted(range(len(ids)), key=ids.__getitem__)] = np.arange(len(ids))
+    pairs = bucket_pairs(band_keys(signatures, bands, rows), rank) if len(ids) else set()
     candidates = []
     forest = UnionFind()
     for i, j in sorted(pairs, key=lambda p: (ids[p[0]], ids[p[1]])):

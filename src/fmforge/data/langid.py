@@ -12,7 +12,7 @@ from typing import Any
 from fmforge.errors import UserError
 
 PROFILE_LANGUAGE = {"en": "en", "ko": "ko", "code": None}  # None: no language check
-MAX_CHARS = 4000  # the head of a document decides its language; longer adds time, not accuracy
+MAX_CHARS = 1000  # the head of a document decides its language; longer adds time, not accuracy
 
 
 @lru_cache(maxsize=1)
