@@ -12,10 +12,11 @@ import time
 
 import torch
 
-from fmforge.config import TrainSection
+from fmforge.config import RuntimeSection, TrainSection
 from fmforge.cost.flops import training_flops_per_token
 from fmforge.model.config import preset_config
 from fmforge.model.llama import LlamaForCausalLM
+from fmforge.train.distributed import setup_runtime
 from fmforge.train.objectives import causal_lm_loss
 from fmforge.train.trainer import Trainer
 
@@ -77,12 +78,18 @@ def main() -> None:
         eval_every=0,
         checkpoint_every=0,
         log_every=10,
-        device="cuda",
-        dtype="auto",
-        compile="auto",
     )
     batches = SyntheticBatches(config.vocab_size, args.batch_size, args.seq_len, "cuda")
-    trainer = Trainer(model, cfg, "/tmp/fmforge-gpu-bench", batches, causal_lm_loss, progress=False)
+    runtime = setup_runtime(RuntimeSection(device="cuda"))
+    trainer = Trainer(
+        model,
+        cfg,
+        "/tmp/fmforge-gpu-bench",
+        batches,
+        causal_lm_loss,
+        runtime=runtime,
+        progress=False,
+    )
     summary = trainer.fit()
     # The first records include compilation; the trainer's rate excludes evals and saves.
     steady = [r["tokens_per_second"] for r in trainer.history[3:]]

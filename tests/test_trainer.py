@@ -13,30 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fmforge.config import TrainSection
+from batches import FixedBatches, unequally_masked
+from fmforge.config import RuntimeSection, TrainSection
 from fmforge.model.llama import LlamaForCausalLM
+from fmforge.train.distributed import setup_runtime
 from fmforge.train.objectives import causal_lm_loss
 from fmforge.train.optim import lr_at
 from fmforge.train.trainer import Trainer
 from polling import wait_until
-
-
-class FixedBatches:
-    """Yields slices of one fixed (x, y) pair, in order; resumable."""
-
-    def __init__(self, x, y, batch_size):
-        self.x, self.y, self.batch_size, self.position = x, y, batch_size, 0
-
-    def next_batch(self):
-        s = slice(self.position, self.position + self.batch_size)
-        self.position = (self.position + self.batch_size) % len(self.x)
-        return self.x[s], self.y[s]
-
-    def state_dict(self):
-        return {"position": self.position}
-
-    def load_state_dict(self, state):
-        self.position = state["position"]
 
 
 def _first_step_grads(config, x, y, tmp_path, batch_size, grad_accum):
@@ -64,16 +48,39 @@ def _first_step_grads(config, x, y, tmp_path, batch_size, grad_accum):
     return grads
 
 
-def test_grad_accumulation_equals_large_batch(tiny_config, tmp_path):
-    x = torch.randint(0, tiny_config.vocab_size, (8, 16))
-    y = torch.randint(0, tiny_config.vocab_size, (8, 16))
+def _max_diff(a: dict, b: dict) -> float:
+    return max((a[n] - b[n]).abs().max().item() for n in a)
+
+
+def test_unequal_masked_micro_batches_accumulate_like_one_batch(tiny_config, tmp_path):
+    x, y = unequally_masked(tiny_config.vocab_size)
     big = _first_step_grads(tiny_config, x, y, tmp_path / "big", batch_size=8, grad_accum=1)
     acc = _first_step_grads(tiny_config, x, y, tmp_path / "acc", batch_size=2, grad_accum=4)
     assert big.keys() == acc.keys()
     for name in big:
-        # Same maths (clipped gradient of the mean loss), different summation order:
+        # Same maths (clipped gradient of the per-target mean), different summation order:
         # equal to float32 rounding, 1e-6 absolute on gradients of order 1e-2.
         assert torch.allclose(big[name], acc[name], atol=1e-6, rtol=1e-4), name
+
+    # The data can tell the two weightings apart: the mean of per-micro-batch means differs.
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config)
+    for i in range(0, 8, 2):
+        loss, scored = causal_lm_loss(model, (x[i : i + 2], y[i : i + 2]))
+        (loss / scored / 4).backward()
+    per_batch_mean = {n: p.grad for n, p in model.named_parameters()}
+    norm = torch.cat([g.flatten() for g in per_batch_mean.values()]).norm()
+    per_batch_mean = {n: g * min(1.0, 1.0 / norm.item()) for n, g in per_batch_mean.items()}
+    assert _max_diff(per_batch_mean, big) > 100 * _max_diff(acc, big)
+
+
+def test_window_without_scored_targets_is_an_error(tiny_config, tmp_path):
+    from fmforge.errors import DataError
+
+    x = torch.randint(0, tiny_config.vocab_size, (2, 8))
+    y = torch.full((2, 8), -100)
+    with pytest.raises(DataError, match="no scored targets"):
+        _first_step_grads(tiny_config, x, y, tmp_path, batch_size=2, grad_accum=1)
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -114,7 +121,7 @@ def _pretrain_cmd(shards_dir, out, max_steps=40):
         "10",
         "--train.eval_batches",
         "2",
-        "--train.threads",
+        "--runtime.threads",
         "1",
         "--out",
         str(out),
@@ -214,7 +221,7 @@ def test_corrupt_newest_checkpoint_is_skipped(shards_dir, tmp_path, uninterrupte
 
 @pytest.mark.slow
 def test_compiled_objective_trains_like_eager(tiny_config, tmp_path):
-    """train.compile=true compiles forward + loss whole; the gradients match eager closely."""
+    """runtime.compile=true compiles forward + loss whole; the gradients match eager closely."""
     x = torch.randint(0, tiny_config.vocab_size, (4, 16))
     y = torch.randint(0, tiny_config.vocab_size, (4, 16))
     eager = _first_step_grads(tiny_config, x, y, tmp_path / "eager", batch_size=4, grad_accum=1)
@@ -227,10 +234,11 @@ def test_compiled_objective_trains_like_eager(tiny_config, tmp_path):
         eval_every=0,
         checkpoint_every=0,
         lr=1e-2,
-        compile="true",
     )
+    runtime = setup_runtime(RuntimeSection(compile="true"))
+    batches = FixedBatches(x, y, 4)
     trainer = Trainer(
-        model, cfg, tmp_path / "compiled", FixedBatches(x, y, 4), causal_lm_loss, progress=False
+        model, cfg, tmp_path / "compiled", batches, causal_lm_loss, runtime=runtime, progress=False
     )
     grads = {}
     trainer.optimizer.register_step_pre_hook(

@@ -56,10 +56,22 @@ class TrainSection:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     log_every: int = 10  # steps between metrics.jsonl records
     seed: int = 1337  # seeds init, data order and sampling
+
+
+# Keys that moved from `train` to `runtime`; old configs get a message naming the new key.
+MOVED_TO_RUNTIME = ("device", "dtype", "compile", "threads")
+PARALLEL_CHOICES = ("auto", "none", "ddp", "fsdp")
+
+
+@dataclass
+class RuntimeSection:
+    """Where and how a run computes; read only by the runtime set-up (train/distributed.py)."""
+
     device: str = "auto"  # auto, cpu, cuda
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 autocast on CUDA), float32, bfloat16
     compile: str = "auto"  # auto (on for CUDA), true, false
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    parallel: str = "auto"  # auto (ddp under torchrun), none, ddp, fsdp (FSDP2, needs torchrun)
 
 
 @dataclass
@@ -69,6 +81,7 @@ class PretrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+    runtime: RuntimeSection = field(default_factory=RuntimeSection)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the config as plain nested dicts."""
@@ -86,12 +99,18 @@ class PretrainConfig:
             ("model", ModelSection),
             ("data", DataSection),
             ("train", TrainSection),
+            ("runtime", RuntimeSection),
         ):
             values = d.get(name) or {}
             if not isinstance(values, dict):
                 raise ConfigError(f"{source}: {name} must be a mapping, got {values!r}")
             known = [f.name for f in dataclasses.fields(section_cls)]
             for key in values:
+                if name == "train" and key in MOVED_TO_RUNTIME:
+                    raise ConfigError(
+                        f"{source}: train.{key} moved to runtime.{key}; "
+                        f"write --runtime.{key} (or `{key}:` under `runtime:` in YAML)"
+                    )
                 if key not in known:
                     raise ConfigError(
                         _unknown_key_message(
@@ -123,14 +142,7 @@ def validate(cfg: PretrainConfig) -> None:
     for name in positive:
         if getattr(t, name) <= 0:
             raise ConfigError(f"train.{name} must be > 0, got {getattr(t, name)}")
-    for name in (
-        "eval_every",
-        "checkpoint_every",
-        "warmup_steps",
-        "weight_decay",
-        "grad_clip",
-        "threads",
-    ):
+    for name in ("eval_every", "checkpoint_every", "warmup_steps", "weight_decay", "grad_clip"):
         if getattr(t, name) < 0:
             raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")
     if not t.lr > 0:
@@ -142,15 +154,7 @@ def validate(cfg: PretrainConfig) -> None:
             f"train.warmup_steps={t.warmup_steps} is larger than train.max_steps={t.max_steps}; "
             "lower the warmup or raise max_steps"
         )
-    choices = {
-        "device": ("auto", "cpu", "cuda"),
-        "dtype": ("auto", "float32", "bfloat16"),
-        "compile": ("auto", "true", "false"),
-    }
-    for name, allowed in choices.items():
-        value = str(getattr(t, name)).lower()
-        if value not in allowed:
-            raise ConfigError(f"train.{name}={getattr(t, name)!r} is not one of {list(allowed)}")
+    validate_runtime(cfg.runtime)
     from fmforge.model.config import PRESETS  # light: no torch
 
     if cfg.model.preset not in PRESETS:
@@ -165,6 +169,24 @@ def validate(cfg: PretrainConfig) -> None:
         )
     if not Path(cfg.data.shards).is_dir():
         raise ConfigError(f"data.shards={cfg.data.shards} is not a directory")
+
+
+def validate_runtime(runtime: RuntimeSection) -> None:
+    """Check the runtime section's choices; raise ConfigError naming the dotted key."""
+    choices = {
+        "device": ("auto", "cpu", "cuda"),
+        "dtype": ("auto", "float32", "bfloat16"),
+        "compile": ("auto", "true", "false"),
+        "parallel": PARALLEL_CHOICES,
+    }
+    for name, allowed in choices.items():
+        value = str(getattr(runtime, name)).lower()
+        if value not in allowed:
+            raise ConfigError(
+                f"runtime.{name}={getattr(runtime, name)!r} is not one of {list(allowed)}"
+            )
+    if runtime.threads < 0:
+        raise ConfigError(f"runtime.threads must be >= 0, got {runtime.threads}")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

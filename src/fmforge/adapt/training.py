@@ -108,7 +108,8 @@ def train_classifier(
     run_dir: str | Path,
 ) -> dict:
     """Optimise `trainable` on the classification loss with the shared Trainer; return summary."""
-    from fmforge.config import TrainSection
+    from fmforge.config import RuntimeSection, TrainSection
+    from fmforge.train.distributed import setup_runtime
     from fmforge.train.objectives import classification_loss
     from fmforge.train.trainer import Trainer
 
@@ -123,7 +124,6 @@ def train_classifier(
         keep_checkpoints=1,
         log_every=10,
         seed=options.seed,
-        threads=options.threads,
     )
     batches = ExampleBatches(data, options.batch_size, seed=options.seed)
     trainer = Trainer(
@@ -133,6 +133,7 @@ def train_classifier(
         batches,
         classification_loss,
         trainable=trainable,
+        runtime=setup_runtime(RuntimeSection(threads=options.threads)),
         progress=False,
     )
     summary = trainer.fit()

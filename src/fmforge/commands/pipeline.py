@@ -52,6 +52,9 @@ def _pretrain_parser() -> ArgumentParser:
     p.add_class_arguments(PretrainConfig, None, as_group=False)
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", default="never", help="auto: continue from the newest checkpoint")
+    p.add_argument(
+        "--objective", default="causal", help="causal (decoder), mlm or contrastive (encoders)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     return p
 
@@ -121,9 +124,11 @@ def _pretrain(args: Namespace) -> None:
     from fmforge.config import PretrainConfig
     from fmforge.train.pretrain import pretrain
 
-    values = {k: args[k].as_dict() for k in ("model", "data", "train")}
+    values = {k: args[k].as_dict() for k in ("model", "data", "train", "runtime")}
     cfg = PretrainConfig.from_dict(values)
-    pretrain(cfg, out=args.out, resume=args.resume, overwrite=args.overwrite)
+    pretrain(
+        cfg, out=args.out, resume=args.resume, overwrite=args.overwrite, objective=args.objective
+    )
 
 
 @command("models", _models_parser)

@@ -100,11 +100,26 @@ def kv_cache_bytes_per_token(config: LlamaConfig, dtype: str = "bf16") -> int:
     return 2 * config.num_hidden_layers * kv_width * dtype_bytes(dtype)
 
 
+class ImpossibleMFU(ValueError):
+    """A computed MFU above 1: the peak or the FLOP count is wrong, so there is no figure."""
+
+
 def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float) -> float:
-    """Return model FLOPs utilisation: tokens/s · FLOPs/token / peak FLOP/s (a fraction, 0..1)."""
+    """Return model FLOPs utilisation: tokens/s · FLOPs/token / peak FLOP/s, a fraction in [0, 1].
+
+    A reading above 1 is impossible (the model would beat the hardware's peak): it raises
+    ImpossibleMFU instead of returning a figure nobody should print.
+    """
     if peak_flops <= 0:
         raise UserError(f"peak FLOP/s must be positive, got {peak_flops}")
-    return tokens_per_second * flops_per_token / peak_flops
+    value = tokens_per_second * flops_per_token / peak_flops
+    if value > 1.0:
+        raise ImpossibleMFU(
+            f"MFU {value:.3f} > 1: {tokens_per_second:.1f} tokens/s x {flops_per_token:.4g} "
+            f"FLOPs/token exceeds the peak {peak_flops:.4g} FLOP/s; the peak was measured too "
+            "low or the FLOP count is wrong"
+        )
+    return value
 
 
 # ---------------------------------------------------------------------------------------------

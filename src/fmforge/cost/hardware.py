@@ -111,6 +111,56 @@ def measure_cpu_flops(size: int = 1024, seconds: float = 1.0) -> float:
     return 2.0 * size**3 / best
 
 
+def gemm_seconds(m: int, k: int, n: int, device: str = "cpu", repeats: int = 5) -> float:
+    """Return the best wall time of `repeats` fp32 (m, k) @ (k, n) matmuls on `device`."""
+    import torch
+
+    a = torch.randn(m, k, device=device)
+    b = torch.randn(k, n, device=device)
+    a @ b  # warm-up: thread pool and kernel selection
+    best = float("inf")
+    for _ in range(repeats):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_peak_flops(
+    shapes: list[tuple[int, int, int]], device: str = "cpu", repeats: int = 5
+) -> float:
+    """Return the fastest fp32 matmul rate (FLOP/s) over `shapes` and a 1024-cube, each best-of-N.
+
+    Measured with the caller's thread count at the shapes the model multiplies, so the
+    denominator of MFU is what this hardware does on this work at its best moment; the maximum
+    over shapes and repeats makes a reading above it impossible rather than merely unlikely.
+    """
+    rates = []
+    for m, k, n in {*shapes, (1024, 1024, 1024)}:
+        rates.append(2.0 * m * k * n / gemm_seconds(m, k, n, device, repeats))
+    return max(rates)
+
+
+def catalog_peak_flops(device_name: str, dtype: str) -> float | None:
+    """Return the catalog's theoretical peak FLOP/s of a GPU named like `device_name`, or None.
+
+    Matches the catalog keys' chip words against torch's device name (e.g. "NVIDIA H100 80GB
+    HBM3" is `h100-sxm`); form-factor words (sxm) are ignored, which can only overstate the
+    peak (so understate MFU), never the reverse.
+    """
+    name = device_name.lower()
+    for key, entry in _catalog()["accelerators"].items():
+        words = [w for w in key.split("-") if w and w != "sxm"]
+        if all(w in name for w in words):
+            value = entry["peak_tflops"].get(dtype)
+            return value * 1e12 if value else None
+    return None
+
+
 @functools.lru_cache(maxsize=1)
 def this_cpu() -> Accelerator:
     """Return "this CPU" with its fp32 rate measured now (cached for the process)."""

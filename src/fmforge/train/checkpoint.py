@@ -52,11 +52,13 @@ def save_checkpoint(
     if os.environ.get(FAULT_ENV) == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
     torch.save(optimizer_state, tmp / "optimizer.pt")
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
+    torch.save(_rng_state(), tmp / "rng.pt")
     write_json_atomic(tmp / "state.json", state)
+    return _publish(checkpoint_root, tmp, final, step, keep)
+
+
+def _publish(checkpoint_root: Path, tmp: Path, final: Path, step: int, keep: int) -> Path:
+    """fsync every file, write the manifest last, rename tmp -> final, rotate; return final."""
     files = {}
     for f in sorted(tmp.iterdir()):
         with open(f, "rb") as handle:
@@ -70,6 +72,81 @@ def save_checkpoint(
     fsync_dir(checkpoint_root)
     _rotate(checkpoint_root, keep)
     return final
+
+
+def _rng_state() -> dict[str, Any]:
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def save_sharded_checkpoint(
+    checkpoint_root: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep: int,
+    runtime: Any,
+) -> Path:
+    """Write checkpoint `step-N` of an FSDP2 run: every rank writes its shards, then one manifest.
+
+    The model and optimizer go through torch distributed checkpoint (one `.distcp` file per rank
+    plus `.metadata`), each rank's RNG state to `rng-rank{R}.pt`, and `state.json` records the
+    world size. All ranks must call this; rank 0 publishes the directory atomically as usual.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = checkpoint_root / f"step-{step}"
+    tmp = checkpoint_root / f".tmp-step-{step}"
+    if runtime.is_main:
+        checkpoint_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    runtime.barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
+    torch.save(_rng_state(), tmp / f"rng-rank{runtime.rank}.pt")
+    runtime.barrier()
+    if runtime.is_main:
+        if os.environ.get(FAULT_ENV) == str(step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        write_json_atomic(tmp / "state.json", state)
+        _publish(checkpoint_root, tmp, final, step, keep)
+    runtime.barrier()
+    return final
+
+
+def is_sharded(path: Path) -> bool:
+    """Return True for a checkpoint written by `save_sharded_checkpoint`."""
+    return (path / ".metadata").is_file()
+
+
+def load_sharded_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int
+) -> dict[str, Any]:
+    """Load an FSDP2 checkpoint into the sharded `model` and `optimizer` in place.
+
+    Returns this rank's RNG state and the saved state dict.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    loaded = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(loaded, checkpoint_id=str(path))
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=loaded["model"],
+        optim_state_dict=loaded["optimizer"],
+    )
+    return {
+        "rng": torch.load(path / f"rng-rank{rank}.pt", weights_only=True),
+        "state": json.loads((path / "state.json").read_text(encoding="utf-8")),
+    }
 
 
 def _rotate(checkpoint_root: Path, keep: int) -> None:

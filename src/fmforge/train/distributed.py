@@ -1,9 +1,12 @@
-"""Devices, dtypes and process groups, chosen in one place.
+"""The runtime: device, dtype, threads, compile and data parallelism, chosen in one place.
 
-CPU: fp32, fused AdamW, no compile. CUDA: bf16 autocast, fused AdamW and torch.compile switch on
-by themselves.
-Under `torchrun` (WORLD_SIZE > 1) the process group is initialised (NCCL on CUDA, Gloo on CPU) and
-the model is wrapped in DDP from outside; the model file knows nothing about it.
+Only this module reads the `runtime` config section. CPU: fp32, fused AdamW, no compile. CUDA:
+bf16 autocast, fused AdamW and torch.compile switch on by themselves. Under `torchrun`
+(WORLD_SIZE set) the process group is initialised (NCCL on CUDA, Gloo on CPU) and `wrap_model`
+applies the parallelism from outside the model, which knows nothing about it:
+- `ddp`: DistributedDataParallel, every rank holds the whole model;
+- `fsdp`: FSDP2 (`torch.distributed.fsdp.fully_shard`), each repeated block and then the root
+  sharded over the ranks, for models whose weights and optimizer state do not fit on one device.
 """
 
 from __future__ import annotations
@@ -13,9 +16,14 @@ import os
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from fmforge.config import RuntimeSection
+
+TORCHRUN_HINT = "torchrun --nproc-per-node N -m fmforge.cli pretrain ..."
 
 
 @dataclass
@@ -29,10 +37,16 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    parallel: str = "none"  # none, ddp or fsdp
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        """True when parameters are sharded over ranks (FSDP2)."""
+        return self.parallel == "fsdp"
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Return the autocast context for forward passes (a no-op in fp32)."""
@@ -40,32 +54,55 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    def barrier(self) -> None:
+        """Wait for every rank (a no-op on one process)."""
+        if self.world_size > 1:
+            torch.distributed.barrier()
 
-def setup_runtime(
-    device: str = "auto", dtype: str = "auto", compile: str = "auto", threads: int = 0
-) -> Runtime:
-    """Pick device/dtype/compile from the config and the hardware; join torchrun's group."""
+
+def setup_runtime(section: RuntimeSection | None = None) -> Runtime:
+    """Pick device, dtype, compile and parallelism from config and hardware; join torchrun."""
+    from fmforge.config import RuntimeSection, validate_runtime
+    from fmforge.errors import ConfigError
+
+    section = section or RuntimeSection()
+    validate_runtime(section)
+    under_torchrun = "WORLD_SIZE" in os.environ
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    parallel = section.parallel.lower()
+    if parallel == "auto":
+        parallel = "ddp" if world_size > 1 else "none"
+    if parallel in ("ddp", "fsdp") and not under_torchrun:
+        raise ConfigError(
+            f"runtime.parallel={parallel} needs one process per rank started by torchrun: "
+            f"{TORCHRUN_HINT} --runtime.parallel {parallel}"
+        )
+    if parallel == "none" and world_size > 1:
+        raise ConfigError(
+            f"runtime.parallel=none under torchrun with {world_size} ranks would train "
+            f"{world_size} copies into one run dir; use runtime.parallel=ddp or fsdp"
+        )
+    device = section.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        from fmforge.errors import ConfigError
-
-        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+        raise ConfigError(
+            "runtime.device=cuda but no CUDA device is visible; use runtime.device=cpu"
+        )
     dev = torch.device(device, local_rank) if device == "cuda" else torch.device("cpu")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if threads:
-        torch.set_num_threads(threads)
+    if section.threads:
+        torch.set_num_threads(section.threads)
     on_cuda = dev.type == "cuda"
-    if dtype == "auto":
+    if section.dtype == "auto":
         autocast = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else None
     else:
-        autocast = torch.bfloat16 if dtype == "bfloat16" else None
-    use_compile = on_cuda if compile == "auto" else compile == "true"
-    if world_size > 1 and not torch.distributed.is_initialized():
+        autocast = torch.bfloat16 if section.dtype == "bfloat16" else None
+    use_compile = on_cuda if section.compile == "auto" else section.compile == "true"
+    if under_torchrun and not torch.distributed.is_initialized():
         backend = "nccl" if on_cuda else "gloo"
         torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world_size)
     return Runtime(
@@ -76,17 +113,73 @@ def setup_runtime(
         rank=rank,
         world_size=world_size,
         local_rank=local_rank,
+        parallel=parallel,
     )
 
 
+def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Return the members of every `nn.ModuleList` in `model`: the blocks FSDP shards one by one.
+
+    Family-agnostic: a decoder's `layers` and an encoder's `layer` list are both found.
+    """
+    blocks = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList):
+            blocks.extend(module)
+    return blocks
+
+
 def wrap_model(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
-    """Return the module the loop calls: DDP-wrapped under torchrun, else the model itself."""
-    if runtime.world_size > 1:
+    """Return the module the loop calls: DDP-wrapped, FSDP2-sharded in place, or the model itself.
+
+    Call it before building the optimizer: FSDP2 replaces parameters with sharded DTensors.
+    """
+    if runtime.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-        model = DistributedDataParallel(model, device_ids=ids)
+        return DistributedDataParallel(model, device_ids=ids)
+    if runtime.parallel == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
+        policy = MixedPrecisionPolicy()
+        if runtime.autocast_dtype is not None:
+            # Compute in bf16, reduce gradients and keep the sharded master weights in fp32.
+            policy = MixedPrecisionPolicy(
+                param_dtype=runtime.autocast_dtype, reduce_dtype=torch.float32
+            )
+        for block in repeated_blocks(model):
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+def gradient_sync(compute_model: torch.nn.Module, runtime: Runtime, sync: bool):
+    """Return a context in which backward reduces gradients across ranks only when `sync`.
+
+    Accumulation micro-batches before the last skip the all-reduce (DDP `no_sync`) or the
+    reduce-scatter (FSDP2 `set_requires_gradient_sync`); the last one reduces the sum.
+    """
+    if runtime.parallel == "ddp" and not sync:
+        return compute_model.no_sync()
+    if runtime.parallel == "fsdp":
+        compute_model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def full_state_dict(model: torch.nn.Module, runtime: Runtime) -> dict[str, torch.Tensor]:
+    """Return the whole, unsharded state dict on CPU (on rank 0; empty elsewhere under FSDP).
+
+    Under FSDP every rank must call this: it all-gathers the shards.
+    """
+    if not runtime.sharded:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
 
 
 def compile_objective(loss_fn: Callable, runtime: Runtime) -> Callable:
@@ -98,13 +191,13 @@ def compile_objective(loss_fn: Callable, runtime: Runtime) -> Callable:
     return torch.compile(loss_fn) if runtime.compile else loss_fn
 
 
-def all_reduce_mean(value: float, runtime: Runtime) -> float:
-    """Average a Python float over ranks (identity on one process)."""
+def all_reduce_sum(values: list[float], runtime: Runtime) -> list[float]:
+    """Sum Python floats over ranks in one collective (identity on one process)."""
     if runtime.world_size == 1:
-        return value
-    t = torch.tensor([value], device=runtime.device)
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=runtime.device)
     torch.distributed.all_reduce(t)
-    return t.item() / runtime.world_size
+    return t.tolist()
 
 
 def environment_report() -> dict[str, Any]:

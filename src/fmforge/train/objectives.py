@@ -1,41 +1,74 @@
-"""Training objectives: each maps (model, batch) to (mean loss, tokens counted)."""
+"""Training objectives. The contract every objective keeps, so that every token weighs the same:
+
+    loss_fn(model, batch) -> (summed_loss, scored)
+
+`summed_loss` is the SUM of the per-target losses in the micro-batch (a 0-dim float tensor) and
+`scored` the number of targets it summed over (an int or a 0-dim integer tensor). Ignored targets
+(-100) are in neither. The trainer adds both over the accumulation window and over the ranks and
+divides once, so a micro-batch with few scored tokens (SFT with assistant-only targets, masked LM,
+padded classification) counts for exactly its share; a per-micro-batch mean would not.
+`input_tokens(batch)` says how many tokens a batch fed the model (throughput and MFU count those).
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+IGNORE_INDEX = -100
+
+
+def input_tokens(batch: Any) -> int:
+    """Return the tokens a batch feeds the model: real (unpadded) tokens where lengths are known.
+
+    (x, y) tuples count x; dicts count `attention_mask` or `lengths` if present, else `input_ids`.
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch.numel()
+    if isinstance(batch, tuple | list):
+        return input_tokens(batch[0])
+    if isinstance(batch, dict):
+        for key in ("attention_mask", "lengths"):
+            if key in batch:
+                return int(batch[key].sum())
+        return input_tokens(batch["input_ids"])
+    raise TypeError(f"cannot count the tokens of a {type(batch).__name__} batch")
+
 
 def causal_lm_loss(
     model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
-) -> tuple[torch.Tensor, int]:
-    """Next-token prediction: cross-entropy of logits(x) against y = x shifted by one.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token prediction: summed cross-entropy of logits(x) against y = x shifted by one.
 
-    batch: x, y int64 (B, T). Positions where y == -100 are ignored (loss masks).
+    batch: x, y int64 (B, T). Targets y == -100 are ignored (loss masks) and not counted.
     """
     x, y = batch
     logits = model(x)  # (B, T, V)
     loss = F.cross_entropy(
-        logits.view(-1, logits.size(-1)).float(), y.reshape(-1), ignore_index=-100
+        logits.view(-1, logits.size(-1)).float(),
+        y.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
     )
-    return loss, int(y.numel())
+    return loss, (y != IGNORE_INDEX).sum()
 
 
 def classification_loss(
     model: nn.Module, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, int]:
-    """Cross-entropy over class scores (a head's logits or label-word log-likelihoods).
+    """Summed cross-entropy over class scores; one scored target per example.
 
     batch: input_ids (B, T) right-padded, lengths (B,), labels (B,) class indices. The model maps
-    (input_ids, lengths) to scores (B, L); for label words this is PET's verbalizer-token loss.
+    (input_ids, lengths) to scores (B, L) (a head's logits or label-word log-likelihoods; for label
+    words this is PET's verbalizer-token loss).
     """
     scores = model(batch["input_ids"], batch["lengths"])  # (B, L)
-    loss = F.cross_entropy(scores.float(), batch["labels"])
-    return loss, int(batch["lengths"].sum())
+    loss = F.cross_entropy(scores.float(), batch["labels"], reduction="sum")
+    return loss, int(batch["labels"].numel())
 
-
-IGNORE_INDEX = -100  # targets that are not scored
 
 # --- encoder objectives: masked LM (BERT) and contrastive InfoNCE (SimCSE) ----------------------
 

@@ -73,13 +73,21 @@ def pretrain(
     resume: str = "never",
     overwrite: bool = False,
     progress: bool | None = None,
+    objective: str = "causal",
 ) -> dict[str, Any]:
-    """Train a decoder from scratch (or `model.init_from`) and write the run dir; return summary."""
+    """Train a decoder from scratch (or `model.init_from`) and write the run dir; return summary.
+
+    objective "mlm" or "contrastive" trains a BERT encoder instead (train/encoder_pretrain.py).
+    """
+    if objective != "causal":
+        from fmforge.train.encoder_pretrain import pretrain_encoder
+
+        return pretrain_encoder(cfg, out, objective, resume, overwrite, progress)
     from fmforge.cost.flops import training_flops_per_token
     from fmforge.data.pack import BatchSampler, TokenShards
     from fmforge.model.llama import LlamaForCausalLM
     from fmforge.model.load import load_model_dir, save_model_dir
-    from fmforge.train.distributed import setup_runtime
+    from fmforge.train.distributed import full_state_dict, setup_runtime
     from fmforge.train.objectives import causal_lm_loss
     from fmforge.train.trainer import Trainer
 
@@ -94,9 +102,7 @@ def pretrain(
     tokenizer = shards.tokenizer()
     model_config = build_model_config(cfg, tokenizer.vocab_size)
     cfg.model.vocab_size = model_config.vocab_size
-    runtime = setup_runtime(
-        cfg.train.device, cfg.train.dtype, str(cfg.train.compile).lower(), cfg.train.threads
-    )
+    runtime = setup_runtime(cfg.runtime)
     train_tokens = shards.split("train")
     sampler = BatchSampler(
         train_tokens,
@@ -142,8 +148,12 @@ def pretrain(
         flops_per_token=training_flops_per_token(model_config, cfg.train.seq_len),
     )
     summary = trainer.fit(resume=resuming)
+    weights = full_state_dict(model, runtime)  # every rank takes part under FSDP
     if not runtime.is_main:
         return summary
+    if runtime.sharded:  # the final dir is the same plain HF-format dir as a one-process run
+        model = LlamaForCausalLM(model_config)
+        model.load_state_dict(weights)
     provenance = {
         "training": summary,
         "config": cfg.to_dict(),

@@ -1,0 +1,100 @@
+"""Golden first-step losses of every objective: a silent change in any of them fails here.
+
+Each case builds a tiny seeded model and a fixed batch, then records the per-target loss before
+the first optimizer step (summed loss / scored) and after one step of the Trainer (lr 1e-2). The
+values were produced by this code; a change that moves them must say why and update them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fmforge.config import TrainSection
+from fmforge.model.config import preset_config
+from fmforge.model.llama import LlamaForCausalLM
+from fmforge.train.objectives import causal_lm_loss, classification_loss, input_tokens
+from fmforge.train.trainer import Trainer
+
+
+class OneBatch:
+    """The same batch forever; resumable trivially."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def next_batch(self):
+        return self.batch
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def _causal_case():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(preset_config("tiny"))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 512, (4, 32), generator=g)
+    y = torch.roll(x, -1, dims=1)
+    y[:, :5] = -100  # a masked prefix, as SFT prompts are
+    return model, (x, y), causal_lm_loss
+
+
+def _classification_case():
+    from fmforge.adapt.classifier import HeadClassifier
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(preset_config("tiny"))
+    model = HeadClassifier(lm, num_labels=3)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 512, (4, 12), generator=g)
+    lengths = torch.tensor([12, 9, 5, 7])
+    for row, n in enumerate(lengths):
+        ids[row, n:] = 0
+    batch = {"input_ids": ids, "lengths": lengths, "labels": torch.tensor([0, 2, 1, 2])}
+    return model, batch, classification_loss
+
+
+CASES = {"causal_lm": _causal_case, "classification": _classification_case}
+
+# objective -> (loss before the first step, loss after it), nats per scored target.
+GOLDEN = {
+    "causal_lm": (6.2407684, 5.6228547),
+    "classification": (1.0651900, 0.5224066),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_golden_first_step_loss(name, tmp_path):
+    model, batch, objective = CASES[name]()
+    with torch.no_grad():
+        summed, scored = objective(model, batch)
+    before = summed.item() / int(scored)
+    cfg = TrainSection(
+        max_steps=1, batch_size=1, warmup_steps=0, eval_every=0, checkpoint_every=0, lr=1e-2
+    )
+    trainer = Trainer(model, cfg, tmp_path, OneBatch(batch), objective, progress=False)
+    trainer.fit()
+    with torch.no_grad():
+        summed, scored = objective(model, batch)
+    after = summed.item() / int(scored)
+    golden_before, golden_after = GOLDEN[name]
+    assert before == pytest.approx(golden_before, abs=1e-5)
+    assert after == pytest.approx(golden_after, abs=1e-5)
+    assert trainer.history[0]["loss"] == pytest.approx(golden_before, abs=1e-5)
+
+
+def test_objectives_return_summed_loss_and_scored_count():
+    model, (x, y), objective = _causal_case()
+    summed, scored = objective(model, (x, y))
+    assert int(scored) == 4 * (32 - 5)
+    with torch.no_grad():
+        logits = model(x)
+        mean = torch.nn.functional.cross_entropy(logits.view(-1, 512), y.reshape(-1))
+    assert summed.item() == pytest.approx(mean.item() * int(scored), rel=1e-5)
+    assert input_tokens((x, y)) == 4 * 32
+    _, batch, _ = _classification_case()
+    assert input_tokens(batch) == 12 + 9 + 5 + 7
