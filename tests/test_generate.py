@@ -10,8 +10,10 @@ import torch
 
 from fmforge.chat_template import CHATML, template_for
 from fmforge.errors import UserError
+from fmforge.generate.defaults import DEFAULT_SAMPLING, sampling_defaults
 from fmforge.generate.engine import generate_naive, generate_text, generate_tokens
 from fmforge.generate.sampling import SamplingParams
+from fmforge.generate.scheduler import Request, Scheduler
 from fmforge.generate.stream import TextStream
 from fmforge.model.llama import LlamaForCausalLM
 from fmforge.model.load import LoadedModel
@@ -306,7 +308,8 @@ def test_cli_generate_and_export(loaded, tmp_path, capsys):
     from fmforge.cli import main
 
     model_dir = loaded.save(tmp_path / "tiny")
-    assert main(["generate", str(model_dir), "--prompt", "The quick", "--max-new-tokens", "8"]) == 0
+    argv = ["generate", str(model_dir), "--prompt", "The quick", "--max-new-tokens", "8"]
+    assert main(argv + ["--greedy"]) == 0
     out = capsys.readouterr().out
     assert out == generate_text(loaded, "The quick", max_new_tokens=8) + "\n"
     assert (
@@ -330,10 +333,14 @@ def test_cli_generate_and_export(loaded, tmp_path, capsys):
         == 0
     )
     sampled = capsys.readouterr().out
-    expected = generate_text(
-        loaded, "The quick", max_new_tokens=8, temperature=0.8, seed=1, top_k=20
-    )
+    # Flags left unset (top-p, min-p) take fmforge's defaults: this model ships none.
+    sampling = {**DEFAULT_SAMPLING, "top_k": 20}
+    expected = generate_text(loaded, "The quick", max_new_tokens=8, seed=1, **sampling)
     assert sampled == expected + "\n"
+    assert main(argv + ["--seed", "3"]) == 0  # no flags: the defaults sample
+    assert capsys.readouterr().out == (
+        generate_text(loaded, "The quick", max_new_tokens=8, seed=3, **DEFAULT_SAMPLING) + "\n"
+    )
     assert main(["export", str(model_dir), "--out", str(tmp_path / "copy")]) == 0
     assert (tmp_path / "copy" / "model.safetensors").is_file()
 
@@ -345,7 +352,7 @@ def test_cli_chat_session(loaded, tmp_path, monkeypatch, capsys):
 
     model_dir = loaded.save(tmp_path / "tiny")
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/reset\nhi again\n/exit\nnever read\n"))
-    assert main(["chat", str(model_dir), "--max-new-tokens", "5"]) == 0
+    assert main(["chat", str(model_dir), "--max-new-tokens", "5", "--greedy"]) == 0
     captured = capsys.readouterr()
     assert "(history cleared)" in captured.err
     first = loaded.chat([{"role": "user", "content": "hello"}], max_new_tokens=5)
@@ -358,3 +365,62 @@ def test_stream_leaves_grad_mode_alone(loaded):
     assert not torch.is_inference_mode_enabled()
     stream.close()
     assert loaded.model.training is False
+
+
+def test_model_sampling_defaults_and_cli_flags(loaded, tmp_path, capsys):
+    import json
+
+    from fmforge.cli import main
+
+    model_dir = loaded.save(tmp_path / "tiny")
+    (model_dir / "generation_config.json").write_text(json.dumps({"temperature": 0.3, "top_k": 7}))
+    reloaded = LoadedModel(loaded.model, loaded.tokenizer, loaded.config, source=str(model_dir))
+    shipped = sampling_defaults(reloaded)
+    assert shipped == {**DEFAULT_SAMPLING, "temperature": 0.3, "top_k": 7}
+    argv = ["generate", str(model_dir), "--prompt", "Paris is", "--max-new-tokens", "24"]
+    assert main(argv + ["--seed", "5"]) == 0
+    expected = generate_text(loaded, "Paris is", max_new_tokens=24, seed=5, **shipped)
+    assert capsys.readouterr().out == expected + "\n"
+    # Penalties, min-p and stop strings reach the engine; --greedy wins over the shipped defaults.
+    flags = ["--greedy", "--repetition-penalty", "1.3", "--frequency-penalty", "1000"]
+    assert main(argv + flags) == 0
+    greedy = generate_text(
+        loaded, "Paris is", max_new_tokens=24, repetition_penalty=1.3, frequency_penalty=1000
+    )
+    assert capsys.readouterr().out == greedy + "\n"
+    assert greedy != generate_text(loaded, "Paris is", max_new_tokens=24)  # penalties did act
+    stop = greedy[3:6]
+    assert main(argv + flags + ["--stop", stop, "--stop", "never-there"]) == 0
+    assert capsys.readouterr().out == greedy[: greedy.index(stop)] + "\n"
+    assert main(argv + ["--min-p", "2"]) == 2
+    assert "--min-p" in capsys.readouterr().err
+
+
+def test_long_prompt_admitted_mid_decode_is_chunked_and_equals_solo(loaded):
+    """A prompt joining while others decode is run in chunks interleaved with their steps; every
+    sequence's tokens equal its solo run."""
+    model = loaded.model
+    prompts = random_prompts([5, 9, 3, 120])
+    solo = [generate_tokens(model, [p], 10)[0].tokens for p in prompts]
+    scheduler = Scheduler(model, slots=4, max_step_rows=16)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    prompt_rows: list[int] = []  # tokens of the long prompt run per step
+
+    def on_event(i, event):
+        if event.token is not None:
+            outputs[i].append(event.token)
+
+    scheduler.add([Request(p, 10) for p in prompts[:3]], on_event)
+    scheduler.step()  # the three short prompts: prefilled together
+    scheduler.add([Request(prompts[3], 10)], lambda _, e: on_event(3, e))
+    with torch.inference_mode():
+        while scheduler.has_work():
+            long_seq = [s for s in scheduler.active if s.request.prompt == prompts[3]]
+            before = long_seq[0].length if long_seq else 0
+            scheduler.step()
+            long_seq = long_seq or [s for s in scheduler.active if s.request.prompt == prompts[3]]
+            if long_seq and before < 120:
+                prompt_rows.append(min(long_seq[0].length, 120) - before)
+    assert outputs == solo
+    assert len(prompt_rows) > 120 // 16  # spread over several steps, beside the decoding rows
+    assert max(prompt_rows) <= 16

@@ -14,6 +14,7 @@ from fmforge.generate.sampling import (
     apply_penalties,
     apply_temperature,
     greedy,
+    min_p_filter,
     sample_from_logits,
     sample_next,
     top_k_filter,
@@ -66,6 +67,19 @@ def test_top_p_keeps_ties_with_last_kept():
     logits = torch.tensor([[2.0, 1.0, 1.0, -5.0]])
     out = top_p_filter(logits, 0.6)
     assert torch.isfinite(out)[0].tolist() == [True, True, True, False]
+
+
+def test_min_p_keeps_tokens_near_the_best():
+    logits = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.15), math.log(0.05)]])
+    kept = min_p_filter(logits, 0.2).isfinite()  # keep p >= 0.2 * 0.5 = 0.1
+    assert kept.tolist() == [[True, True, True, False]]
+    assert min_p_filter(logits, 1.0).isfinite().tolist() == [[True, False, False, False]]
+    assert torch.equal(min_p_filter(logits, 0.0), logits)
+    params = SamplingParams(temperature=1.0, min_p=0.5)  # only 0.5 and 0.3 may be drawn
+    draws = {int(sample_next(logits, params, torch.Generator().manual_seed(s))) for s in range(40)}
+    assert draws == {0, 1}
+    with pytest.raises(UserError):
+        SamplingParams(min_p=1.5)
 
 
 def test_logit_bias_adds():

@@ -17,10 +17,18 @@ from fmforge.errors import UserError
 
 
 def _add_sampling_arguments(p: ArgumentParser) -> None:
+    # Sampling flags left unset take the model's shipped defaults, else fmforge's
+    # (generate/defaults.py: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05).
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 256, within context")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy; default: model's")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    p.add_argument("--min-p", type=float, default=None, help="drop tokens < min-p x the best")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats")
+    p.add_argument("--presence-penalty", type=float, default=None, help="OpenAI-style, per token")
+    p.add_argument("--frequency-penalty", type=float, default=None, help="OpenAI-style, per count")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
 
 
@@ -61,14 +69,16 @@ def _load_model(name: str, quantize: str | None = None) -> Any:
     return load_decoder(name, quantize=quantize)
 
 
-def _sampling_kwargs(args: Namespace) -> dict[str, Any]:
-    return {
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "seed": args.seed,
-    }
+def _sampling_kwargs(args: Namespace, loaded: Any) -> dict[str, Any]:
+    from fmforge.generate.defaults import sampling_defaults
+
+    names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+    names += ("presence_penalty", "frequency_penalty")
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.greedy:
+        given["temperature"] = 0.0
+    sampling = {**sampling_defaults(loaded), **given}  # greedy (temperature 0) ignores top-k/p
+    return {**sampling, "max_new_tokens": args.max_new_tokens, "seed": args.seed, "stop": args.stop}
 
 
 def _print_stream(deltas: Any) -> None:
@@ -84,7 +94,7 @@ def _generate(args: Namespace) -> None:
     if not args.prompt:
         raise UserError("--prompt is empty; give some text to continue")
     loaded = _load_model(args.model, args.quantize)
-    kwargs = _sampling_kwargs(args)
+    kwargs = _sampling_kwargs(args, loaded)
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         messages.append({"role": "user", "content": args.prompt})
@@ -100,7 +110,7 @@ def _generate(args: Namespace) -> None:
 @command("chat", _chat_parser)
 def _chat(args: Namespace) -> None:
     loaded = _load_model(args.model, args.quantize)
-    kwargs = _sampling_kwargs(args)
+    kwargs = _sampling_kwargs(args, loaded)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = list(system)
     print("fmforge chat: /reset clears the history, /exit quits.", file=sys.stderr)

@@ -162,9 +162,7 @@ class Scheduler:
                     f"prompt of {len(request.prompt)} tokens exceeds the context of "
                     f"{self.max_len} tokens"
                 )
-        states = [
-            SequenceState(r, lambda e, i=i: on_event(i, e)) for i, r in enumerate(requests)
-        ]
+        states = [SequenceState(r, lambda e, i=i: on_event(i, e)) for i, r in enumerate(requests)]
         with self.lock:
             self.waiting.extend(states)
         return states
@@ -301,7 +299,9 @@ class Scheduler:
                 view.width - 1,
                 self.weights,
                 position_ids=None if view.uniform else view.positions.view(-1, 1),
-                logit_rows=None if len(logit_rows) == len(tokens) else torch.tensor(logit_rows),
+                logit_rows=None
+                if len(logit_rows) == len(tokens)
+                else torch.tensor(logit_rows, dtype=torch.long, device=self.device),
             )  # (len(owners), V)
         self._time(time.perf_counter() - start_time, len(decoding), len(tokens) - len(decoding))
         for seq in decoding:
