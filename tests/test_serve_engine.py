@@ -120,3 +120,10 @@ def test_http_and_generate_run_the_same_engine(serve_model_dir, capsys, monkeypa
     # forward pass (its second engine used to), and the same prompt costs the same kernel rows.
     assert library_rows > 0 and http_rows == library_rows
     assert not forward_calls
+
+
+def test_serve_bad_flags_are_one_line_errors(serve_model_dir, capsys):  # noqa: F811
+    for flags in (["--port", "99999"], ["--port", "-1"], ["--max-concurrency", "0"]):
+        assert main(["serve", str(serve_model_dir), "--no-store", *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert err.startswith("fmforge: error:") and err.count("\n") == 1, err

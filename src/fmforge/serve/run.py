@@ -38,6 +38,8 @@ def serve(
 
     if max_concurrency < 1 or max_queue < 0:
         raise UserError("--max-concurrency must be >= 1 and --max-queue >= 0")
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port} is not a TCP port (0-65535)")
     api_key = None
     if api_key_file is not None:
         try:
@@ -50,6 +52,8 @@ def serve(
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
+        except socket.gaierror as e:
+            raise UserError(f"--host {host}: cannot resolve it ({e.strerror})") from e
         except OSError as e:
             raise UserError(
                 f"cannot listen on {host}:{port} ({e.strerror}); pick another --port"
