@@ -288,3 +288,18 @@ def test_config_errors_name_the_filter():
     moved = quality.profile_filters("en", {"gopher_min_words": 10}, disabled=["c4_curly_bracket"])
     assert next(f for f in moved if f.code == "gopher_min_words").threshold == 10
     assert "c4_curly_bracket" not in {f.code for f in moved}
+
+
+def test_decontamination_names_the_item_and_ignores_case_and_punctuation():
+    from fmforge.data.decontam import ContaminationIndex
+
+    long_item = " ".join(_words(20, seed=9))
+    short_item = "which planet has the most known moons today"  # 8 words: matched whole
+    index = ContaminationIndex([("eval:0", long_item), ("eval:1", short_item), ("eval:2", "hi")])
+    body = " ".join(_words(100, seed=10))
+    thirteen = " ".join(long_item.split()[3:16]).upper().replace(" ", ", ")
+    assert index.match(f"{body} {thirteen} {body}") == "eval:0"
+    twelve = " ".join(long_item.split()[3:15])
+    assert index.match(f"{body} {twelve} {body}") is None  # 12 words of a long item: not enough
+    assert index.match(f"{body} Which planet has the MOST known moons today? {body}") == "eval:1"
+    assert index.match(body) is None

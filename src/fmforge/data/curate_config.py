@@ -32,6 +32,7 @@ class CurateConfig:
     decontam_builtin: bool = True  # check against the shipped tasks' validation/test items
     decontam_files: list[str] = field(default_factory=list)  # extra eval sets (.jsonl or .txt)
     cost_preset: str = "small"  # model preset for the training FLOPs of the kept tokens
+    cost_gpu: str = "h100-sxm"  # catalog GPU for the GPU-hours of one pass over the kept tokens
     ray_address: str | None = None  # an existing Ray cluster; None starts a local one
     seed: int = 1  # MinHash permutations
     plots: bool = True  # write signals.png, clusters.png and lsh.png

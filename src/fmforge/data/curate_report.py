@@ -35,14 +35,23 @@ def _disk_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*.parquet")) if path.is_dir() else 0
 
 
-def _training_cost(tokens: int, preset: str) -> dict[str, Any]:
-    from fmforge.cost.calculator import total_training_flops
+def _training_cost(tokens: int, preset: str, gpu: str) -> dict[str, Any]:
+    from fmforge.cost.calculator import estimate_cost, total_training_flops
     from fmforge.model.config import preset_config
 
     if tokens <= 0:
-        return {"preset": preset, "flops": 0.0, "how": "no kept tokens"}
+        return {"preset": preset, "flops": 0.0, "how": "no kept tokens", "gpu": gpu}
     flops, how = total_training_flops(tokens=float(tokens), config=preset_config(preset))
-    return {"preset": preset, "flops": flops, "how": how}
+    cost = estimate_cost(flops, gpu=gpu, flops_note=how)
+    return {
+        "preset": preset,
+        "flops": flops,
+        "how": how,
+        "gpu": gpu,
+        "gpu_hours": cost["gpu_hours"],
+        "cost_usd": cost["cost_usd"],
+        "rate": cost["assumptions"]["rate"],
+    }
 
 
 def write_report(
@@ -125,7 +134,7 @@ def write_report(
             "bytes_per_token": kept_bytes / kept_tokens if kept_tokens else None,
             "kept_disk_bytes": _disk_bytes(out / "kept"),
             "token_counter": cfg.tokenizer or "pre-tokens (GPT-2 split regex; no --tokenizer)",
-            "training": _training_cost(kept_tokens, cfg.cost_preset),
+            "training": _training_cost(kept_tokens, cfg.cost_preset, cfg.cost_gpu),
         },
         "ingest": {"shards": shards, "skipped": ingest["skipped"]["skipped"]},
         "seconds": round(seconds, 3),
@@ -265,6 +274,9 @@ def _markdown(r: dict[str, Any]) -> str:
         f"({c['token_counter']}), {bpt} bytes/token, {c['kept_disk_bytes']:,} bytes on disk",
         f"- training once over the kept tokens, preset `{c['training']['preset']}`: "
         f"{c['training']['flops']:.3g} FLOPs ({c['training']['how']})",
+        f"- on one {c['training']['gpu']}: {c['training'].get('gpu_hours', 0):.3g} GPU-hours, "
+        f"${c['training'].get('cost_usd') or 0:.3g} ({c['training'].get('rate', 'n/a')}; "
+        "`fmforge cost` for other hardware)",
         "",
     ]
     return "\n".join(lines)
