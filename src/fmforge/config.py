@@ -25,6 +25,12 @@ class ModelSection:
     preset: str = "small"  # a name from fmforge.model.config.PRESETS: tiny, small, 124m
     vocab_size: int | None = None  # None: taken from the tokenizer of the token shards
     max_position_embeddings: int | None = None  # None: the preset's context length
+    # Width and depth overrides of the preset (None keeps the preset's value).
+    hidden_size: int | None = None  # d_model
+    intermediate_size: int | None = None  # SwiGLU hidden width
+    num_hidden_layers: int | None = None  # blocks
+    num_attention_heads: int | None = None  # query heads
+    num_key_value_heads: int | None = None  # key/value heads
     init_from: str | None = None  # a model dir or built-in name to start from instead of random
 
 

@@ -138,6 +138,42 @@ def _cost(args: Namespace) -> None:
     print(json.dumps(result, indent=2) if args.json else calculator.format_cost(result))
 
 
+def _experiment_scaling_parser() -> ArgumentParser:
+    p = new_parser("Scaling-law sweep on stdlib: fit L(N, D), predict a 4x run and verify it.")
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument(
+        "--budget-minutes", type=float, default=30.0, help="wall-clock budget the sweep is sized to"
+    )
+    p.add_argument(
+        "--verify-xz", action="store_true", help="also train the model the fit says beats xz -9"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--resume", action="store_true", help="continue a stopped sweep in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    return p
+
+
+@command("experiment scaling", _experiment_scaling_parser)
+def _experiment_scaling(args: Namespace) -> None:
+    from fmforge.experiments.scaling import run_scaling
+
+    result = run_scaling(
+        args.out,
+        budget_minutes=args.budget_minutes,
+        verify_xz=args.verify_xz,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        threads=args.threads,
+    )
+    print(
+        f"R² (held out) {result['r2_heldout']}, alpha {result['alpha']:.3f}, beta "
+        f"{result['beta']:.3f}; predicted {result['predicted_loss']:.4f}, verified "
+        f"{result['verified_loss']:.4f}; report: {args.out}/report.md"
+    )
+
+
 @command("scaling plan", _scaling_plan_parser)
 def _scaling_plan(args: Namespace) -> None:
     from fmforge.cost.scaling import format_plan, plan

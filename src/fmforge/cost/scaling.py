@@ -233,7 +233,11 @@ def fit(params: list[float], tokens: list[float], losses: list[float]) -> dict[s
 
 
 def read_points(path: str) -> tuple[list[float], list[float], list[float]]:
-    """Return (params, tokens, losses) read from a CSV with a header or a JSON-lines file."""
+    """Return (params, tokens, losses) from a CSV with a header, JSON lines, or a sweep's JSON.
+
+    Rows need numeric `params`, `tokens` and `loss` (or `val_loss`); a JSON object with a `points`
+    list (`fmforge experiment scaling`'s results.json) is read the same way.
+    """
     import csv
     import json
     from pathlib import Path
@@ -243,14 +247,20 @@ def read_points(path: str) -> tuple[list[float], list[float], list[float]]:
         raise UserError(f"{path}: no such file")
     text = file.read_text()
     try:
-        if text.lstrip().startswith("{"):
+        stripped = text.lstrip()
+        if stripped.startswith("{") and '"points"' in text:
+            try:
+                rows = json.loads(text)["points"]
+            except json.JSONDecodeError:
+                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        elif stripped.startswith("{"):
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
         else:
             rows = list(csv.DictReader(text.splitlines()))
         return (
             [float(r["params"]) for r in rows],
             [float(r["tokens"]) for r in rows],
-            [float(r["loss"]) for r in rows],
+            [float(r["loss"] if "loss" in r else r["val_loss"]) for r in rows],
         )
-    except (KeyError, ValueError, TypeError) as e:
+    except (KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: each row needs numeric params, tokens and loss ({e})") from None

@@ -27,10 +27,13 @@ def build_model_config(cfg: PretrainConfig, vocab_size: int):
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
             f"{vocab_size} tokens; leave it unset (null) to use the tokenizer's"
         )
+    sizes = ("hidden_size", "intermediate_size", "num_hidden_layers")
+    sizes += ("num_attention_heads", "num_key_value_heads")
     model_config = preset_config(
         cfg.model.preset,
         vocab_size=cfg.model.vocab_size or vocab_size,
         max_position_embeddings=cfg.model.max_position_embeddings,
+        **{name: getattr(cfg.model, name) for name in sizes},
     )
     if cfg.train.seq_len > model_config.max_position_embeddings:
         raise ConfigError(
