@@ -51,7 +51,7 @@ def _experiment_curation_parser() -> ArgumentParser:
         "2 seeds); compare held-out loss and memorisation."
     )
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--steps", type=int, default=400, help="optimizer steps per run")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
     p.add_argument("--seeds", default="1,2", help="comma-separated training seeds")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     return p

