@@ -145,7 +145,7 @@ class Scheduler:
         self.weights: Any = None  # the model's decode_weights(), fetched when sequences join
         self.steps = 0
         self.tokens_generated = 0
-        self.decode_seconds: float | None = None  # moving average of a step without prompt rows
+        self.decode_seconds: dict[int, float] = {}  # decode rows -> moving average of a step
         self.row_seconds: float | None = None  # moving average of one prompt row's extra time
 
     # --- requester side ------------------------------------------------------------------------
@@ -258,9 +258,10 @@ class Scheduler:
         # the step within prefill_stall of a plain decode step (measured moving averages).
         if decoding == 0:
             return self.max_step_rows
-        if self.decode_seconds is None or self.row_seconds is None:
+        decode_seconds = self.decode_seconds.get(decoding)
+        if decode_seconds is None or self.row_seconds is None:
             return max(self.max_step_rows // 16, 1)
-        rows = int(self.prefill_stall * self.decode_seconds / self.row_seconds)
+        rows = int(self.prefill_stall * decode_seconds / self.row_seconds)
         return min(max(rows, 1), self.max_step_rows)
 
     def _run(self) -> tuple[list[SequenceState], torch.Tensor]:
@@ -344,12 +345,13 @@ class Scheduler:
         def average(old: float | None, new: float) -> float:
             return new if old is None else 0.8 * old + 0.2 * new
 
+        decode_seconds = self.decode_seconds.get(decode_rows)
         if prompt_rows == 0:
-            self.decode_seconds = average(self.decode_seconds, seconds)
+            self.decode_seconds[decode_rows] = average(decode_seconds, seconds)
         elif decode_rows == 0:
             self.row_seconds = average(self.row_seconds, seconds / prompt_rows)
-        elif self.decode_seconds is not None:
-            extra = max(seconds - self.decode_seconds, 1e-6) / prompt_rows
+        elif decode_seconds is not None:
+            extra = max(seconds - decode_seconds, 1e-6) / prompt_rows
             self.row_seconds = average(self.row_seconds, extra)
 
     def _sample(self, owners: list[SequenceState], logits: torch.Tensor) -> None:

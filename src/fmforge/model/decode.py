@@ -32,7 +32,7 @@ from torch import nn
 
 from fmforge.model import native
 from fmforge.model.kv_cache import CacheRows, KVCache
-from fmforge.model.layers import RMSNorm, apply_rope_one, decode_attention
+from fmforge.model.layers import RMSNorm, apply_rope_one, attention, decode_attention
 from fmforge.model.quantize import QuantLinear, decode_matmul
 
 
@@ -202,10 +202,30 @@ class TorchOps:
         h, kv, d = self.h, self.kv, self.d
         qkv = qkv.view(qkv.shape[0], h + 2 * kv, d)
         qk = apply_rope_one(qkv[:, : h + kv], *rope)  # (B, H + K, D), rotated together
+        if isinstance(cache, CacheRows) and not cache.unique:
+            return self._attend_runs(qk, qkv[:, h + kv :], layer, cache)
         k, v = cache.update(layer, slot, qk[:, h:, None], qkv[:, h + kv :, None])  # (B, K, S, D)
         if isinstance(cache, CacheRows):
             mask = cache.key_mask()  # each row reads up to its own position
         return decode_attention(qk[:, :h], k, v, mask)
+
+    def _attend_runs(self, qk, v, layer: int, cache: CacheRows) -> torch.Tensor:
+        # Rows sharing cache rows (prompt chunks): write all keys, then attend run by run on a
+        # view of the run's cache row, instead of gathering a copy of it for every query.
+        h, d = self.h, self.d
+        cache.write(layer, qk[:, h:], v)
+        positions = cache.positions
+        out = []
+        for row, lo, hi in cache.runs():
+            end = int(positions[hi - 1]) + 1  # chunk rows are in position order
+            keys = cache.k_layers[layer][row : row + 1, :, :end]  # (1, K, S, D)
+            values = cache.v_layers[layer][row : row + 1, :, :end]
+            columns = torch.arange(end, device=qk.device)
+            mask = columns[None, :] <= positions[lo:hi, None]  # (T, S)
+            q = qk[lo:hi, :h].transpose(0, 1)[None]  # (1, H, T, D)
+            y = attention(q, keys, values, mask=mask[None, None])  # (1, H, T, D)
+            out.append(y[0].transpose(0, 1).reshape(hi - lo, h * d))
+        return torch.cat(out)
 
 
 class NativeOps(TorchOps):

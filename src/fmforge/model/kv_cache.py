@@ -121,10 +121,25 @@ class CacheRows:
             keys[row, :, start:end] = k[0]
             values[row, :, start:end] = v[0]
             return keys[row : row + 1, :, :end], values[row : row + 1, :, :end]
-        keys[self.index, :, self.positions] = k[:, :, 0]  # (N, K, D)
-        values[self.index, :, self.positions] = v[:, :, 0]
+        self.write(layer, k[:, :, 0], v[:, :, 0])
         if self.contiguous:
             first = int(self.index[0])
             span = slice(first, first + self.rows)
             return keys[span, :, : self.width], values[span, :, : self.width]
         return keys[self.index, :, : self.width], values[self.index, :, : self.width]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write one key/value per step row, k and v (N, K, D), at each row's position."""
+        self.k_layers[layer][self.index, :, self.positions] = k
+        self.v_layers[layer][self.index, :, self.positions] = v
+
+    def runs(self) -> list[tuple[int, int, int]]:
+        """Return (cache row, first step row, end step row) of each run of consecutive step rows
+        in the same cache row (a prompt chunk is one run)."""
+        index = self.index.tolist()
+        runs, start = [], 0
+        for i in range(1, len(index) + 1):
+            if i == len(index) or index[i] != index[start]:
+                runs.append((index[start], start, i))
+                start = i
+        return runs
