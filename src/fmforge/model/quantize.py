@@ -158,37 +158,29 @@ def native_ready(x: torch.Tensor, module: QuantLinear) -> bool:
 def grouped_matmul(modules: list[QuantLinear], x: torch.Tensor) -> torch.Tensor:
     """Return x (B, C_in) times the group's weights, outputs side by side: (B, sum C_out).
 
-    The modules share their input (q/k/v, gate/up), so x is quantised once for all of them.
-    Needs `native_ready`; decode steps call this through model/decode.py.
+    The modules share their input (q/k/v, gate/up), so x is quantised once for all of them, and
+    one kernel call with one thread team covers up to 3 of them. Needs `native_ready`; decode
+    steps call this through model/decode.py.
     """
     lib = native_quant.library()
     x = x.contiguous()
     rows, k = x.shape
-    kp = _padded(k)
-    blocks = kp // BLOCK
-    xq = torch.empty(rows, kp, dtype=torch.int8)
-    dx = torch.empty(rows, blocks, dtype=torch.float32)
-    xsum = torch.empty(rows, blocks, dtype=torch.int32)
-    lib.fmforge_quantize_rows(
-        x.data_ptr(), rows, k, kp, xq.data_ptr(), dx.data_ptr(), xsum.data_ptr()
-    )
-    c_out = sum(m.out_features for m in modules)
-    y = torch.empty(rows, c_out, dtype=torch.float32)
-    start, threads = y.data_ptr(), torch.get_num_threads()
-    for m in modules:
-        n = m.out_features
-        if m.bits == 8:
-            per_scale = blocks // m.scales.shape[1]
-            lib.fmforge_gemm_q8(
-                xq.data_ptr(), dx.data_ptr(), xsum.data_ptr(), m.qweight.data_ptr(),
-                m.scales.data_ptr(), rows, kp, n, per_scale, start, c_out, threads,
-            )  # fmt: skip
-        else:
-            lib.fmforge_gemm_q4(
-                xq.data_ptr(), dx.data_ptr(), xsum.data_ptr(), m.qweight.data_ptr(),
-                m.scales.data_ptr(), rows, kp, n, start, c_out, threads,
-            )  # fmt: skip
-        start += n * y.element_size()
+    first = modules[0]
+    if len(modules) > 3 or any(
+        (m.bits, m.group_size) != (first.bits, first.group_size) for m in modules
+    ):
+        return torch.cat([grouped_matmul([m], x) for m in modules], dim=-1)
+    kp = first.qweight.shape[1] * (1 if first.bits == 8 else 2)
+    per_scale = kp // BLOCK // first.scales.shape[1]
+    y = torch.empty(rows, sum(m.out_features for m in modules), dtype=torch.float32)
+    args = []
+    for i in range(3):
+        m = modules[i] if i < len(modules) else first
+        args += [m.qweight.data_ptr(), m.scales.data_ptr(), m.out_features]
+    lib.fmforge_quant_group(
+        x.data_ptr(), rows, k, kp, first.bits, per_scale, len(modules), *args,
+        y.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
     return y
 
 

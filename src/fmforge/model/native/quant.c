@@ -7,7 +7,7 @@
  *     kp = k rounded up to 32, tail zero) with one fp32 scale per block (dx) and, for int4, the
  *     block's sum of quantised values (xsum); llama.cpp quantises activations the same way.
  *   int8 weights: w (n, kp) int8 in [-127, 127]; scales (n, groups) fp16, one per
- *     `blocks_per_scale` blocks of 32 (1 for groups of 32, kp / 32 for one scale per row).
+ *     `per_scale` blocks of 32 (1 for groups of 32, kp / 32 for one scale per row).
  *   int4 weights: w (n, kp / 2) uint8; block b of a row is bytes 16b .. 16b + 15, byte i holding
  *     element 32b + i in its low nibble and element 32b + 16 + i in its high nibble, each stored
  *     as q + 8 for q in [-8, 7] (llama.cpp's Q4_0 block); scales (n, kp / 32) fp16.
@@ -19,8 +19,9 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define FMFORGE_AVX2 1
 #endif
@@ -100,13 +101,22 @@ static inline __m256i dot_u8_s8(__m256i u, __m256i s) {
 #endif
 }
 
-static inline __m256i unpack_q4(const uint8_t *p) {
-    const __m128i raw = _mm_loadu_si128((const __m128i *)p);
-    const __m128i low = _mm_set1_epi8(0x0f);
-    const __m128i lo = _mm_and_si128(raw, low);
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
-    return _mm256_set_m128i(hi, lo); /* elements 0..15, then 16..31 */
+/* Eight int32 partial sums of int8 weights w times int8 activations x. With VNNI: w + 128 as
+ * unsigned bytes (one xor) in vpdpbusd, and Q8_OFFSET * sum(x) is taken back out per block by
+ * the caller; maddubs would saturate on 255 * 127 * 2, so without VNNI take |w| and move w's sign
+ * onto x instead (llama.cpp's trick; w and x never hold -128). */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define Q8_OFFSET 128.0f
+static inline __m256i dot_q8(__m256i w, __m256i x) {
+    return dot_u8_s8(_mm256_xor_si256(w, _mm256_set1_epi8((char)0x80)), x);
 }
+#else
+#define Q8_OFFSET 0.0f
+static inline __m256i dot_q8(__m256i w, __m256i x) {
+    return dot_u8_s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+}
+#endif
+
 #endif
 
 /* One output row j for one activation row: the portable reference of the two kernels below. */
@@ -141,107 +151,183 @@ static float dot_row_q4(const int8_t *xr, const float *dr, const int32_t *sr, co
 }
 
 #ifdef FMFORGE_AVX2
-/* Four output rows at once for one activation row: each activation block is loaded once and the
- * four rows' products form four independent accumulation chains. */
-static void dot4_q8(const int8_t *xr, const float *dr, const int32_t *sr, const int8_t *w,
-                    const uint16_t *s, int64_t kp, int64_t groups, int64_t per_scale, float *out) {
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                     _mm256_setzero_ps()};
-    float offset[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    const __m256i bias = _mm256_set1_epi8((char)0x80);
-    for (int64_t g = 0; g < groups; g++) {
-        float ws[4];
-        for (int c = 0; c < 4; c++) ws[c] = half_to_float(s[c * groups + g]);
-        for (int64_t b = g * per_scale; b < (g + 1) * per_scale; b++) {
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xr + b * BLOCK));
-            for (int c = 0; c < 4; c++) {
-                /* w + 128 as unsigned bytes (one xor), then take 128 * sum(x) back out */
-                const __m256i wv = _mm256_xor_si256(
-                    _mm256_loadu_si256((const __m256i *)(w + c * kp + b * BLOCK)), bias);
-                const float d = dr[b] * ws[c];
-                acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8_s8(wv, xv)),
-                                         _mm256_set1_ps(d), acc[c]);
-                offset[c] += d * (float)sr[b];
-            }
-        }
-    }
-    for (int c = 0; c < 4; c++) out[c] = hsum(acc[c]) - 128.0f * offset[c];
+/* The scales of 4 rows x 2 blocks (b, b + 1), each weight scale times its activation block's:
+ * lanes [r0 b, r0 b+1, r1 b, r1 b+1, ..., r3 b+1]. Row r's two scales sit side by side in s. */
+static inline __m256 pair_scales(const uint16_t *s, int64_t stride, const float *dr) {
+    uint32_t h[4];
+    for (int c = 0; c < 4; c++) memcpy(&h[c], s + c * stride, sizeof h[c]);
+    const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
+    double pair; /* dr[0], dr[1] as one 8-byte value, broadcast 4 times */
+    memcpy(&pair, dr, sizeof pair);
+    return _mm256_mul_ps(ws, _mm256_castpd_ps(_mm256_set1_pd(pair)));
 }
 
+/* xsum of blocks b, b + 1 as floats, repeated for 4 rows (the lane order of pair_scales). */
+static inline __m256 pair_sums(const int32_t *sr) {
+    double pair;
+    memcpy(&pair, sr, sizeof pair);
+    return _mm256_cvtepi32_ps(_mm256_castpd_si256(_mm256_set1_pd(pair)));
+}
+
+/* Four output rows at once for one activation row, int8 weights with one scale per block. Blocks
+ * go in pairs: each row's two products are folded into one vector (lanes 0-1 and 4-5: block b,
+ * 2-3 and 6-7: block b + 1) and scaled by one multiply-add, so the per-block scalar work of a
+ * naive loop (convert, multiply, broadcast) is shared by 4 rows and 2 blocks. */
+static void dot4_q8(const int8_t *xr, const float *dr, const int32_t *sr, const int8_t *w,
+                    const uint16_t *s, int64_t kp, int64_t blocks, float *out) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                     _mm256_setzero_ps()};
+    __m256 offset = _mm256_setzero_ps();
+    /* permutes the [r0 b, r0 b+1, r1 b, ...] scales to row c's hadd lane order */
+    const __m256i pick[4] = {_mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1),
+                             _mm256_setr_epi32(2, 2, 3, 3, 2, 2, 3, 3),
+                             _mm256_setr_epi32(4, 4, 5, 5, 4, 4, 5, 5),
+                             _mm256_setr_epi32(6, 6, 7, 7, 6, 6, 7, 7)};
+    int64_t b = 0;
+    for (; b + 1 < blocks; b += 2) {
+        const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xr + b * BLOCK));
+        const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xr + (b + 1) * BLOCK));
+        const __m256 d = pair_scales(s + b, blocks, dr + b);
+        offset = _mm256_fmadd_ps(d, pair_sums(sr + b), offset);
+        for (int c = 0; c < 4; c++) {
+            const int8_t *wc = w + c * kp + b * BLOCK;
+            const __m256i w0 = _mm256_loadu_si256((const __m256i *)wc);
+            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(wc + BLOCK));
+            const __m256i dot = _mm256_hadd_epi32(dot_q8(w0, x0), dot_q8(w1, x1));
+            acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),
+                                     _mm256_permutevar8x32_ps(d, pick[c]), acc[c]);
+        }
+    }
+    float off[8];
+    _mm256_storeu_ps(off, offset);
+    for (int c = 0; c < 4; c++) {
+        out[c] = hsum(acc[c]) - Q8_OFFSET * (off[2 * c] + off[2 * c + 1]);
+        if (b < blocks) /* an odd last block */
+            out[c] += dot_row_q8(xr + b * BLOCK, dr + b, w + c * kp + b * BLOCK,
+                                 s + c * blocks + b, 1, 1);
+    }
+}
+
+/* Four output rows at once for one activation row, int8 weights with one scale per row. */
+static void dot4_q8_rows(const int8_t *xr, const float *dr, const int32_t *sr, const int8_t *w,
+                         const uint16_t *s, int64_t kp, int64_t blocks, float *out) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                     _mm256_setzero_ps()};
+    float offset = 0.0f;
+    for (int64_t b = 0; b < blocks; b++) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i *)(xr + b * BLOCK));
+        const __m256 d = _mm256_set1_ps(dr[b]);
+        offset += dr[b] * (float)sr[b];
+        for (int c = 0; c < 4; c++) {
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + c * kp + b * BLOCK));
+            acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_q8(wv, xv)), d, acc[c]);
+        }
+    }
+    for (int c = 0; c < 4; c++)
+        out[c] = half_to_float(s[c]) * (hsum(acc[c]) - Q8_OFFSET * offset);
+}
+
+/* Four output rows at once for one activation row, int4 weights. Blocks go in pairs: 32 bytes
+ * hold both blocks' 16 bytes, so one load, one mask and one shift give the low nibbles of both
+ * (elements 0-15 of b, then of b + 1) and the high nibbles (elements 16-31), matched by the
+ * activations rearranged the same way once for all 4 rows. */
 static void dot4_q4(const int8_t *xr, const float *dr, const int32_t *sr, const uint8_t *w,
                     const uint16_t *s, int64_t kp, int64_t blocks, float *out) {
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
                      _mm256_setzero_ps()};
-    __m128 offset = _mm_setzero_ps();
-    for (int64_t b = 0; b < blocks; b++) {
-        const __m256i xv = _mm256_loadu_si256((const __m256i *)(xr + b * BLOCK));
-        const __m128 ws = _mm_set_ps(half_to_float(s[3 * blocks + b]),
-                                     half_to_float(s[2 * blocks + b]),
-                                     half_to_float(s[blocks + b]), half_to_float(s[b]));
-        const __m128 d = _mm_mul_ps(ws, _mm_set1_ps(dr[b]));
-        offset = _mm_fmadd_ps(d, _mm_set1_ps((float)sr[b]), offset);
-        float dc[4];
-        _mm_storeu_ps(dc, d);
+    __m256 offset = _mm256_setzero_ps();
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    const __m256i pick[4] = {_mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
+                             _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
+                             _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5),
+                             _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7)};
+    int64_t b = 0;
+    for (; b + 1 < blocks; b += 2) {
+        const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xr + b * BLOCK));
+        const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xr + (b + 1) * BLOCK));
+        const __m256i x_lo = _mm256_permute2x128_si256(x0, x1, 0x20); /* elements 0-15 of each */
+        const __m256i x_hi = _mm256_permute2x128_si256(x0, x1, 0x31); /* elements 16-31 */
+        const __m256 d = pair_scales(s + b, blocks, dr + b);
+        offset = _mm256_fmadd_ps(d, pair_sums(sr + b), offset);
         for (int c = 0; c < 4; c++) {
-            const __m256i wv = unpack_q4(w + c * (kp / 2) + b * (BLOCK / 2));
-            acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8_s8(wv, xv)),
-                                     _mm256_set1_ps(dc[c]), acc[c]);
+            const __m256i wv =
+                _mm256_loadu_si256((const __m256i *)(w + c * (kp / 2) + b * (BLOCK / 2)));
+            const __m256i lo = _mm256_and_si256(wv, low);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low);
+            const __m256i dot = _mm256_add_epi32(dot_u8_s8(lo, x_lo), dot_u8_s8(hi, x_hi));
+            acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),
+                                     _mm256_permutevar8x32_ps(d, pick[c]), acc[c]);
         }
     }
-    float off[4];
-    _mm_storeu_ps(off, offset);
-    for (int c = 0; c < 4; c++) out[c] = hsum(acc[c]) - 8.0f * off[c];
+    float off[8];
+    _mm256_storeu_ps(off, offset);
+    for (int c = 0; c < 4; c++) {
+        out[c] = hsum(acc[c]) - 8.0f * (off[2 * c] + off[2 * c + 1]);
+        if (b < blocks) /* an odd last block */
+            out[c] += dot_row_q4(xr + b * BLOCK, dr + b, sr + b, w + c * (kp / 2) + b * (BLOCK / 2),
+                                 s + c * blocks + b, 1);
+    }
 }
 #endif
 
-/* y[r, j] = sum_c x[r, c] * W[j, c] for int8 W; y rows y_stride apart. */
-void fmforge_gemm_q8(const int8_t *xq, const float *dx, const int32_t *xsum, const int8_t *w,
-                     const uint16_t *scales, int64_t rows, int64_t kp, int64_t n, int64_t per_scale, float *y,
-                     int64_t y_stride, int threads) {
-    const int64_t blocks = kp / BLOCK, groups = blocks / per_scale, quads = (n + 3) / 4;
+/* The products of up to 3 quantised linears that share their input (q/k/v, gate/up), in one call:
+ * x (rows, k) fp32 is quantised once, then one parallel loop covers every output row of every
+ * weight, writing y (rows, n0 + n1 + n2) with the outputs side by side. All weights have the
+ * same bits (8 or 4) and the same blocks per scale. One call and one thread team per group keeps
+ * a decode step's per-product overhead to a few microseconds. */
+void fmforge_quant_group(const float *x, int64_t rows, int64_t k, int64_t kp, int bits,
+                         int64_t per_scale, int count, const void *w0, const uint16_t *s0,
+                         int64_t n0, const void *w1, const uint16_t *s1, int64_t n1,
+                         const void *w2, const uint16_t *s2, int64_t n2, float *y, int threads) {
+    const int64_t blocks = kp / BLOCK, groups = blocks / per_scale;
+    int8_t *xq = (int8_t *)malloc((size_t)(rows * kp));
+    float *dx = (float *)malloc(sizeof(float) * (size_t)(rows * blocks));
+    int32_t *xsum = (int32_t *)malloc(sizeof(int32_t) * (size_t)(rows * blocks));
+    fmforge_quantize_rows(x, rows, k, kp, xq, dx, xsum);
+    const void *w[3] = {w0, w1, w2};
+    const uint16_t *s[3] = {s0, s1, s2};
+    const int64_t n[3] = {n0, count > 1 ? n1 : 0, count > 2 ? n2 : 0};
+    const int64_t quads[3] = {(n[0] + 3) / 4, (n[1] + 3) / 4, (n[2] + 3) / 4};
+    const int64_t total = quads[0] + quads[1] + quads[2], y_stride = n[0] + n[1] + n[2];
+    const int64_t row_bytes = bits == 8 ? kp : kp / 2;
     #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t q = 0; q < quads; q++) {
-        const int64_t j0 = q * 4, count = n - j0 < 4 ? n - j0 : 4;
+    for (int64_t q = 0; q < total; q++) {
+        int m = 0;
+        int64_t local = q, offset = 0;
+        while (local >= quads[m]) {
+            local -= quads[m];
+            offset += n[m];
+            m++;
+        }
+        const int64_t j0 = local * 4, count4 = n[m] - j0 < 4 ? n[m] - j0 : 4;
+        const uint8_t *wm = (const uint8_t *)w[m] + j0 * row_bytes;
+        const uint16_t *sm = s[m] + j0 * groups;
         for (int64_t r = 0; r < rows; r++) {
             const int8_t *xr = xq + r * kp;
             const float *dr = dx + r * blocks;
             const int32_t *sr = xsum + r * blocks;
-            float *yr = y + r * y_stride + j0;
+            float *yr = y + r * y_stride + offset + j0;
 #ifdef FMFORGE_AVX2
-            if (count == 4) {
-                dot4_q8(xr, dr, sr, w + j0 * kp, scales + j0 * groups, kp, groups, per_scale, yr);
+            if (count4 == 4) {
+                if (bits == 8 && per_scale == 1)
+                    dot4_q8(xr, dr, sr, (const int8_t *)wm, sm, kp, blocks, yr);
+                else if (bits == 8)
+                    dot4_q8_rows(xr, dr, sr, (const int8_t *)wm, sm, kp, blocks, yr);
+                else
+                    dot4_q4(xr, dr, sr, wm, sm, kp, blocks, yr);
                 continue;
             }
 #endif
-            for (int64_t c = 0; c < count; c++)
-                yr[c] = dot_row_q8(xr, dr, w + (j0 + c) * kp, scales + (j0 + c) * groups, groups,
-                                   per_scale);
-        }
-    }
-}
-
-/* y[r, j] = sum_c x[r, c] * W[j, c] for int4 W (Q4_0 blocks); y rows y_stride apart. */
-void fmforge_gemm_q4(const int8_t *xq, const float *dx, const int32_t *xsum, const uint8_t *w,
-                     const uint16_t *scales, int64_t rows, int64_t kp, int64_t n, float *y,
-                     int64_t y_stride, int threads) {
-    const int64_t blocks = kp / BLOCK, quads = (n + 3) / 4;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t q = 0; q < quads; q++) {
-        const int64_t j0 = q * 4, count = n - j0 < 4 ? n - j0 : 4;
-        for (int64_t r = 0; r < rows; r++) {
-            const int8_t *xr = xq + r * kp;
-            const float *dr = dx + r * blocks;
-            const int32_t *sr = xsum + r * blocks;
-            float *yr = y + r * y_stride + j0;
-#ifdef FMFORGE_AVX2
-            if (count == 4) {
-                dot4_q4(xr, dr, sr, w + j0 * (kp / 2), scales + j0 * blocks, kp, blocks, yr);
-                continue;
+            for (int64_t c = 0; c < count4; c++) {
+                if (bits == 8)
+                    yr[c] = dot_row_q8(xr, dr, (const int8_t *)wm + c * row_bytes, sm + c * groups,
+                                       groups, per_scale);
+                else
+                    yr[c] = dot_row_q4(xr, dr, sr, wm + c * row_bytes, sm + c * groups, blocks);
             }
-#endif
-            for (int64_t c = 0; c < count; c++)
-                yr[c] = dot_row_q4(xr, dr, sr, w + (j0 + c) * (kp / 2), scales + (j0 + c) * blocks,
-                                   blocks);
         }
     }
+    free(xq);
+    free(dx);
+    free(xsum);
 }

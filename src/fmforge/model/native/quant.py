@@ -66,8 +66,9 @@ def library() -> ctypes.CDLL | None:
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     signatures = {
         "fmforge_quantize_rows": [ptr, i64, i64, i64, ptr, ptr, ptr],
-        "fmforge_gemm_q8": [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, i64, i32],
-        "fmforge_gemm_q4": [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, i64, i32],
+        "fmforge_quant_group": [ptr, i64, i64, i64, i32, i64, i32]
+        + [ptr, ptr, i64] * 3
+        + [ptr, i32],
     }
     try:
         loaded = ctypes.CDLL(str(_build(compiler)))
