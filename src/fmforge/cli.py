@@ -56,14 +56,16 @@ def build_parser() -> ArgumentParser:
     # wants every group added before its subcommands.
     for word in sorted({path.split(" ")[0] for path in COMMANDS}, key=rank):
         if word in COMMANDS:
-            subcommands[""].add_subcommand(word, COMMANDS[word][0]())
+            sub = COMMANDS[word][0]()
+            subcommands[""].add_subcommand(word, sub, help=sub.description)  # one line in --help
         else:
             group_parser = _parser(GROUPS.get(word, ""))
-            subcommands[""].add_subcommand(word, group_parser)
+            subcommands[""].add_subcommand(word, group_parser, help=group_parser.description)
             subcommands[word] = group_parser.add_subcommands(dest=f"{word}_command")
     for path in (p for p in COMMANDS if " " in p):  # registration order within a group
         group, name = path.split(" ")
-        subcommands[group].add_subcommand(name, COMMANDS[path][0]())
+        sub = COMMANDS[path][0]()
+        subcommands[group].add_subcommand(name, sub, help=sub.description)
     return parser
 
 
