@@ -198,7 +198,7 @@ def test_resume_after_kill_is_byte_identical(corpus, first_run, tmp_path):
         os.sched_yield()
     assert process.wait() == -signal.SIGKILL, process.stderr.read().decode()
     assert not (out / "report.json").exists()
-    assert main(["data", "curate", *args, "--resume"]) == 0
+    assert main(["data", "curate", *args, "--resume", "--workers", "2"]) == 0
     assert _files(out) == _files(first_run)
     assert _stable_report(out) == _stable_report(first_run)
     assert not list(out.rglob("*.tmp-*")) and not (out / "work").exists()

@@ -42,6 +42,7 @@ from fmforge.data.curate_config import CurateConfig
 from fmforge.errors import DataError, UserError
 
 KEPT_COLUMNS = ("id", "text", "source", "bytes", "tokens")
+_RUN_ONLY = ("workers", "executor", "ray_address")  # settings that never change the outputs
 REMOVED_COLUMNS = (*KEPT_COLUMNS, "stage", "detail")
 _PRETOKEN = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\w+| ?[^\s\w]+|\s+""")
 
@@ -450,7 +451,10 @@ def curate(
         return json.loads((out / "report.json").read_text())  # already complete
     if resume and (work / "config.json").exists():
         saved = json.loads((work / "config.json").read_text())
-        if saved["config"] != asdict(cfg) or saved["inputs"] != list(inputs):
+        # How the work is run may change between tries; what it computes may not.
+        before = {k: v for k, v in saved["config"].items() if k not in _RUN_ONLY}
+        now = {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY}
+        if before != now or saved["inputs"] != list(inputs):
             raise UserError(f"--resume: {out} was started with other inputs or settings")
         fresh = False
     else:
