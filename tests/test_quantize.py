@@ -212,3 +212,25 @@ def test_foreign_quantization_config_is_a_one_line_error(model_dir, capsys):
     (model_dir / "config.json").write_text(json.dumps(config))
     code = main(["generate", str(model_dir), "--prompt", "def", "--max-new-tokens", "2"])
     assert_one_line_error(capsys, code, "gptq")
+
+
+def test_quantised_dir_serves_over_http(model_dir, tmp_path):
+    """A quantised dir answers an OpenAI-style greedy completion with the tokens the library
+    generates from the same dir."""
+    from fastapi.testclient import TestClient
+
+    from test_serve_support import make_app
+
+    out = tmp_path / "int4"
+    assert main(["quantize", str(model_dir), "--bits", "4", "--out", str(out)]) == 0
+    app, _ = make_app(out)
+    loaded = load_bundle(out)
+    prompt = "def alpha"
+    want = generate_tokens(loaded.model, [loaded.tokenizer.encode(prompt)], 6)[0].tokens
+    with TestClient(app) as client:
+        response = client.post(
+            "/v1/completions",
+            json={"model": "tiny-serve", "prompt": prompt, "max_tokens": 6, "temperature": 0},
+        )
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"] == loaded.tokenizer.decode(want)
