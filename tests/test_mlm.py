@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fmforge.train.objectives import IGNORE_INDEX, mask_tokens, masked_lm_loss
@@ -69,3 +70,80 @@ def test_masked_lm_loss_sums_over_chosen_positions_only():
     assert int(count) == int(chosen.sum()) > 0
     expected = torch.nn.functional.cross_entropy(logits[chosen], labels[chosen], reduction="sum")
     assert torch.allclose(loss, expected, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def encoder_shards(tmp_path_factory):
+    """WordPiece tokenizer + token shards of the inline sentences (through the CLI functions)."""
+    import json
+
+    from encoders import SENTENCES
+    from fmforge.data.pack import prepare_shards
+    from fmforge.tokenizer import train_from_inputs
+
+    root = tmp_path_factory.mktemp("enc")
+    docs = root / "docs.jsonl"
+    lines = [f"{s} {SENTENCES[(i * 3) % len(SENTENCES)]}" for i, s in enumerate(SENTENCES * 40)]
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    train_from_inputs([str(docs)], 200, str(root / "tok"), kind="wordpiece")
+    prepare_shards([str(docs)], str(root / "tok"), str(root / "shards"), val_fraction=0.1)
+    return root / "shards"
+
+
+def _config(shards, steps, init_from=None):
+    from fmforge.config import PretrainConfig
+
+    return PretrainConfig.from_dict(
+        {
+            "model": {"preset": "tiny", "init_from": init_from, "max_position_embeddings": 64},
+            "data": {"shards": str(shards)},
+            "train": {
+                "max_steps": steps,
+                "batch_size": 8,
+                "seq_len": 32,
+                "warmup_steps": 2,
+                "lr": 3e-3,
+                "eval_every": steps,
+                "eval_batches": 2,
+                "checkpoint_every": steps,
+                "log_every": 1,
+            },
+            "runtime": {"device": "cpu", "threads": 1},
+        }
+    )
+
+
+def test_pretrain_mlm_then_simcse_through_the_one_trainer(encoder_shards, tmp_path):
+    import json
+
+    import fmforge
+    from fmforge.api import LoadedEncoder
+    from fmforge.train.pretrain import pretrain
+
+    threads = torch.get_num_threads()  # runtime.threads=1 sets it for the process; restored
+    try:
+        summary = pretrain(_config(encoder_shards, 30), tmp_path / "mlm", objective="mlm")
+        pretrain(
+            _config(encoder_shards, 4, init_from=str(tmp_path / "mlm" / "final")),
+            tmp_path / "simcse",
+            objective="contrastive",
+        )
+    finally:
+        torch.set_num_threads(threads)
+    history = [json.loads(line) for line in (tmp_path / "mlm" / "metrics.jsonl").open()]
+    losses = [r["loss"] for r in history if "loss" in r]
+    assert losses[-1] < losses[0] - 1.0  # it learned the tiny corpus
+    assert 0 < history[0]["scored"] < history[0]["tokens"]  # only masked positions are scored
+    assert "val_loss" in summary or any("val_loss" in r for r in history)
+    mlm = fmforge.load(tmp_path / "mlm")
+    assert isinstance(mlm, LoadedEncoder)
+    fillers = mlm.fill("the teacher told the [MASK] a story", top_k=3)[0]
+    assert len(fillers) == 3 and fillers[0]["score"] >= fillers[1]["score"]
+
+    final = tmp_path / "simcse" / "final"
+    assert (final / "modules.json").is_file() and (final / "1_Pooling" / "config.json").is_file()
+    vectors = fmforge.load(final).embed(["the river", "the teacher"])
+    assert vectors.shape == (2, 64)
+    start = mlm.model.bert.encoder.layer[0].attention.self.query.weight
+    after = fmforge.load(final).model.encoder.layer[0].attention.self.query.weight
+    assert not torch.equal(start, after)  # SimCSE moved the encoder it started from

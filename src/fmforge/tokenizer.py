@@ -283,7 +283,8 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, min_frequency: int = 
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
-    return Tokenizer(hf, roles=dict(WORDPIECE_SPECIAL_TOKENS))
+    # [SEP] doubles as the document separator in token shards (`data prepare` needs one).
+    return Tokenizer(hf, roles={**WORDPIECE_SPECIAL_TOKENS, "eos": "[SEP]"})
 
 
 def train_from_inputs(
