@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,12 @@ QUICKSTART_TRAIN = {
 }
 VOCAB_SIZE = {"small": 4096, "tiny": 512}
 PROMPT = "def fibonacci(n):"
+# More prompts for the report's samples, each completed with the model's sampling defaults.
+SAMPLE_PROMPTS = (
+    PROMPT,
+    "class Stack:\n    def __init__(self):",
+    "import os\n\n\ndef read_config(",
+)
 
 
 def _say(message: str) -> None:
@@ -122,8 +129,9 @@ def quickstart(
         shards.split("train"), scored_targets, loaded.config.vocab_size, val_bytes
     )
 
-    _say(f"5/5 completing {PROMPT!r}")
-    completion = loaded.generate(PROMPT, max_new_tokens=64, temperature=0.0)
+    _say(f"5/5 completing {PROMPT!r} (sampling defaults, seeded)")
+    samples = write_samples(loaded, run_dir / "report.md")
+    completion = samples[0]["completion"]
     result = {
         "val_bits_per_byte": round(val_bpb, 4),
         "unigram_bits_per_byte": round(unigram_bpb, 4),
@@ -134,14 +142,35 @@ def quickstart(
         "train_tokens_seen": summary["tokens"],
         "tokens_per_second": summary.get("tokens_per_second"),
         "mfu": summary.get("mfu"),
+        "peak_flops": summary.get("peak_flops"),
         "completion": PROMPT + completion,
+        "samples": samples,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     write_json_atomic(out_dir / "summary.json", result)
     print(f"\n{PROMPT}{completion}\n")
+    mfu = f", MFU {100 * result['mfu']:.0f}%" if result["mfu"] else ""
     print(
         f"val bits/byte {val_bpb:.3f} vs unigram {unigram_bpb:.3f} "
         f"(ratio {val_bpb / unigram_bpb:.2f}); model: {run_dir / 'final'}; "
-        f"{result['wall_seconds']:.0f} s; report: {run_dir / 'report.md'}"
+        f"{result['wall_seconds']:.0f} s{mfu}; report: {run_dir / 'report.md'}"
     )
     return result
+
+
+def write_samples(loaded: Any, report: Path, max_new_tokens: int = 64) -> list[dict[str, Any]]:
+    """Complete SAMPLE_PROMPTS with the model's sampling defaults; append them to `report`."""
+    from fmforge.generate.defaults import sampling_defaults
+
+    settings = sampling_defaults(loaded)
+    samples = []
+    for seed, prompt in enumerate(SAMPLE_PROMPTS):
+        text = loaded.generate(prompt, max_new_tokens=max_new_tokens, seed=seed, **settings)
+        samples.append({"prompt": prompt, "completion": text, "seed": seed})
+    shown = ", ".join(f"{k} {v}" for k, v in settings.items())
+    lines = ["", "## Samples", "", f"Sampling defaults: {shown}; {max_new_tokens} new tokens.", ""]
+    for sample in samples:
+        lines += ["```python", sample["prompt"] + sample["completion"], "```", ""]
+    with open(report, "a", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    return samples

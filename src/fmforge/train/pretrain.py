@@ -199,7 +199,10 @@ def write_report(
     if summary.get("tokens_per_second"):
         lines.append(f"- throughput: {summary['tokens_per_second']:,.0f} tokens/s (median)")
     if summary.get("mfu") is not None:
-        lines.append(f"- MFU: {100 * summary['mfu']:.1f}% of a matmul measured in the same run")
+        lines.append(
+            f"- MFU: {100 * summary['mfu']:.1f}% of {summary['peak_flops'] / 1e9:,.1f} GFLOP/s, "
+            f"the {summary['peak_source']}"
+        )
     lines.append(f"- wall time: {summary['seconds']:.1f} s")
     lines += ["", "![loss](plots/loss.png)", ""]
     lines += cost_lines(summary, model_config)
