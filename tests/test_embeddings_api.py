@@ -109,6 +109,10 @@ def test_search_endpoint_returns_the_matching_chunk(server):
     assert len(hits) == 2 and hits[0]["text"] == SENTENCES[6]
     bad = httpx.post(server.url + "/v1/search", json={"query": "", "k": 2}, timeout=30)
     assert bad.status_code == 400
+    page = httpx.get(server.url + "/", timeout=30).text
+    assert 'id="search-form"' in page and "/playground/search.js" in page
+    script = httpx.get(server.url + "/playground/search.js", timeout=30)
+    assert script.status_code == 200 and "/v1/search" in script.text
 
 
 def test_serve_command_wires_embeddings_beside_the_decoder(serve_model_dir, encoder_dir):  # noqa: F811
