@@ -82,7 +82,7 @@ class BertConfig:
 
 
 # Presets (`tiny` is for tests). `small` (~0.8M non-embedding parameters) is sized for 2 shared
-# CPU cores: ~1M masked-LM tokens in about 15 minutes; `base` is BERT-base.
+# CPU cores; `124m` is BERT-base.
 BERT_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
     "small": dict(
