@@ -262,11 +262,58 @@ def test_quickstart_tiny_reports_samples_and_an_honest_mfu(corpus_file, tmp_path
     assert result["mfu"] is None or 0 < result["mfu"] <= 1
     assert result["peak_flops"] > 0
     # Sampled with seeds: a second completion with the same seed is identical.
-    from fmforge.generate.defaults import sampling_defaults
     from fmforge.api import load_decoder
+    from fmforge.generate.defaults import sampling_defaults
 
     loaded = load_decoder(tmp_path / "qs" / "run" / "final")
     again = loaded.generate(
         SAMPLE_PROMPTS[0], max_new_tokens=64, seed=0, **sampling_defaults(loaded)
     )
     assert again == result["samples"][0]["completion"]
+
+
+def test_compile_auto_on_cpu_is_decided_from_the_planned_work(tiny_config, tmp_path):
+    from fmforge.train.distributed import COMPILE_SECONDS, compile_pays_off
+
+    peak = 100e9
+    assert not compile_pays_off(1e12, peak)  # ~17 s of eager steps: compiling costs more
+    assert compile_pays_off(1e15, peak)  # ~4.6 hours: compile
+    x = torch.randint(0, tiny_config.vocab_size, (4, 16))
+    cfg = TrainSection(max_steps=2, batch_size=4, warmup_steps=0, eval_every=0)
+    runtime = setup_runtime(RuntimeSection(compile="auto"))
+    assert runtime.compile is None  # undecided until the trainer knows the plan
+    trainer = Trainer(
+        LlamaForCausalLM(tiny_config), cfg, tmp_path, FixedBatches(x, x, 4), causal_lm_loss,
+        flops_per_token=1e6, runtime=runtime, progress=False,
+    )  # fmt: skip
+    summary = trainer.fit()
+    assert summary["compiled"] is False and COMPILE_SECONDS > 0
+    state = json.loads((tmp_path / "checkpoints" / "step-2" / "state.json").read_text())
+    assert state["compile"] is False  # recorded, so a resumed run computes the same way
+
+
+def test_mfu_above_one_is_an_error_never_a_figure(tiny_config, monkeypatch, capsys):
+    from fmforge.cost import hardware
+    from fmforge.cost.flops import ImpossibleMFU, mfu
+    from fmforge.train.trainer import PeakFlops
+
+    assert mfu(500.0, 1e9, 1e12) == pytest.approx(0.5)
+    with pytest.raises(ImpossibleMFU, match="exceeds the peak"):
+        mfu(2000.0, 1e9, 1e12)  # a step 2x faster than the hardware can go
+    # The trainer's peak: re-measured when a reading would exceed it, else no figure at all.
+    readings = iter([1e9, 5e9, 5e9])
+    monkeypatch.setattr(hardware, "measure_peak_flops", lambda *a, **k: next(readings))
+    peak = PeakFlops(LlamaForCausalLM(tiny_config), 64, setup_runtime())
+    assert peak.mfu(2.0, 1e9) == pytest.approx(0.4)  # 2e9 > 1e9: re-measured to 5e9
+    assert peak.value == 5e9
+    assert peak.mfu(10.0, 1e9) is None  # 1e10 > 5e9 even after re-measuring
+    assert "no MFU reported" in capsys.readouterr().err
+
+
+def test_peak_is_measured_at_the_model_gemm_shapes(tiny_config):
+    from fmforge.train.trainer import model_gemm_shapes
+
+    shapes = model_gemm_shapes(LlamaForCausalLM(tiny_config), 128)
+    c, f, v = tiny_config.hidden_size, tiny_config.intermediate_size, tiny_config.vocab_size
+    kv = tiny_config.num_key_value_heads * tiny_config.head_dim
+    assert {(128, c, c), (128, c, kv), (128, c, f), (128, f, c), (128, c, v)} <= set(shapes)

@@ -1,7 +1,8 @@
 """The runtime: device, dtype, threads, compile and data parallelism, chosen in one place.
 
-Only this module reads the `runtime` config section. CPU: fp32, fused AdamW, no compile. CUDA:
-bf16 autocast, fused AdamW and torch.compile switch on by themselves. Under `torchrun`
+Only this module reads the `runtime` config section. CPU: fp32, fused AdamW, and torch.compile
+when the run is long enough to pay the compilation back (`compile_pays_off`). CUDA: bf16
+autocast, fused AdamW and torch.compile switch on by themselves. Under `torchrun`
 (WORLD_SIZE set) the process group is initialised (NCCL on CUDA, Gloo on CPU) and `wrap_model`
 applies the parallelism from outside the model, which knows nothing about it:
 - `ddp`: DistributedDataParallel, every rank holds the whole model;
@@ -32,7 +33,7 @@ class Runtime:
 
     device: torch.device
     autocast_dtype: torch.dtype | None  # None: plain fp32
-    compile: bool
+    compile: bool | None  # None: decide per run from its planned work (`compile_pays_off`)
     fused_adamw: bool
     rank: int = 0
     world_size: int = 1
@@ -101,7 +102,10 @@ def setup_runtime(section: RuntimeSection | None = None) -> Runtime:
         autocast = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else None
     else:
         autocast = torch.bfloat16 if section.dtype == "bfloat16" else None
-    use_compile = on_cuda if section.compile == "auto" else section.compile == "true"
+    if section.compile == "auto":
+        use_compile = True if on_cuda else None  # CPU: the trainer decides from the plan
+    else:
+        use_compile = section.compile == "true"
     if under_torchrun and not torch.distributed.is_initialized():
         backend = "nccl" if on_cuda else "gloo"
         torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world_size)
@@ -182,13 +186,56 @@ def full_state_dict(model: torch.nn.Module, runtime: Runtime) -> dict[str, torch
     return get_model_state_dict(model, options=options)
 
 
+# What compiling the objective costs and buys on CPU, measured with bench/train_throughput.py
+# (docs/performance.md): inductor takes ~30-70 s the first time (cached afterwards), and a compiled
+# step runs ~1.1-1.5x an eager one; eager steps reach ~60% of the measured matmul peak.
+COMPILE_SECONDS = 60.0
+COMPILE_SPEEDUP = 1.2
+EAGER_MFU = 0.6
+
+
+def compile_pays_off(planned_flops: float, peak_flops: float) -> bool:
+    """Return True when compiling saves more time over `planned_flops` than it costs (CPU).
+
+    The eager time is estimated from the measured peak; a run whose time saved at the expected
+    speed-up exceeds the compilation's cost is compiled. The decision is recorded in checkpoints
+    so a resumed run computes exactly like the run it continues.
+    """
+    eager_seconds = planned_flops / (EAGER_MFU * peak_flops)
+    return eager_seconds * (1 - 1 / COMPILE_SPEEDUP) > COMPILE_SECONDS
+
+
 def compile_objective(loss_fn: Callable, runtime: Runtime) -> Callable:
     """Return the objective compiled whole (model forward and loss) when compile is on.
 
     Compiling the objective rather than the model alone lets inductor fuse the loss into the
-    last layers: on the CPU here that is ~1.2x an eager step, against ~1.1x for the model alone.
+    last layers. If compilation fails (no C++ compiler for inductor, say), the first call says
+    so on stderr and the run continues eagerly with the same maths.
     """
-    return torch.compile(loss_fn) if runtime.compile else loss_fn
+    from fmforge.errors import UserError
+
+    if not runtime.compile:
+        return loss_fn
+    compiled = torch.compile(loss_fn)
+    state = {"fn": compiled}
+
+    def objective(model, batch):
+        try:
+            return state["fn"](model, batch)
+        except UserError:
+            raise  # bad data is bad data, compiled or not
+        except Exception as e:  # inductor/dynamo failures surface on the first call
+            if state["fn"] is loss_fn:
+                raise
+            import sys
+
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            print(f"fmforge: torch.compile failed ({first}); training eagerly", file=sys.stderr)
+            runtime.compile = False
+            state["fn"] = loss_fn
+            return loss_fn(model, batch)
+
+    return objective
 
 
 def all_reduce_sum(values: list[float], runtime: Runtime) -> list[float]:

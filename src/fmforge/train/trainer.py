@@ -39,6 +39,7 @@ from fmforge.train.distributed import (
     Runtime,
     all_reduce_sum,
     compile_objective,
+    compile_pays_off,
     gradient_sync,
     setup_runtime,
     wrap_model,
@@ -195,6 +196,7 @@ class Trainer:
             "config": self.config_dict,
             "world_size": self.runtime.world_size,
             "parallel": self.runtime.parallel,
+            "compile": bool(self.runtime.compile),
         }
 
     def save_checkpoint(self) -> Path | None:
@@ -252,6 +254,8 @@ class Trainer:
             self.optimizer.load_state_dict(saved["optimizer"])
         ckpt.restore_rng(saved["rng"])
         self.batches.load_state_dict(saved["state"]["sampler"])
+        if self.runtime.compile is None and "compile" in saved["state"]:
+            self.runtime.compile = saved["state"]["compile"]  # compute as the run did
         self.step = saved["state"]["step"]
         self.tokens = saved["state"]["tokens"]
         self._truncate_metrics(self.step)
@@ -328,6 +332,14 @@ class Trainer:
                 p.grad.mul_(scale)
         return total_loss, int(total_scored), int(total_fed)
 
+    def _compile_pays_off(self) -> bool:
+        if self.peak is None or not self.flops_per_token:
+            return False  # no estimate of the work: stay eager
+        per_step = self.cfg.batch_size * self.cfg.grad_accum * self.runtime.world_size
+        per_step *= getattr(self.batches, "seq_len", 1)
+        planned = (self.cfg.max_steps - self.step) * per_step * self.flops_per_token
+        return compile_pays_off(planned, self.peak.value)
+
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train to `max_steps`; return a summary (final loss, tokens, seconds, tokens/s, MFU)."""
         from tqdm import tqdm
@@ -341,6 +353,8 @@ class Trainer:
         if self.flops_per_token:
             tokens = cfg.batch_size * getattr(self.batches, "seq_len", 1)
             self.peak = PeakFlops(self.model, tokens, self.runtime)
+        if self.runtime.compile is None:  # auto on CPU: compile when it pays for itself
+            self.runtime.compile = self._compile_pays_off()
         objective = compile_objective(self.loss_fn, self.runtime)
         self.model.train()
         bar = tqdm(
@@ -424,6 +438,7 @@ class Trainer:
             "seconds": round(seconds, 2),
             "tokens_per_second": round(sorted(steady)[len(steady) // 2], 2) if steady else None,
             "seq_len": getattr(self.batches, "seq_len", None),
+            "compiled": bool(self.runtime.compile),
         }
         if self.peak is not None and summary["tokens_per_second"]:
             self.peak.remeasure()  # the end of the run may be quieter than its start
