@@ -1,8 +1,10 @@
 """GPU training MFU of the 124m preset in bf16 (compile + fused AdamW) and decode tokens/s.
 
 Driven by bench/gpu.sh. Synthetic tokens, so no data set is needed. MFU is quoted against a bf16
-matmul measured in the same run (and against the datasheet peak when the GPU is in the catalog).
-The last line is `ratio=X`: training MFU against the measured matmul rate.
+matmul measured in the same run (and, as the trainer reports it, against the datasheet peak when
+the GPU is in the catalog). `--parallel fsdp` under torchrun trains the same model sharded with
+FSDP2 (one rank per GPU) and skips decoding. The last line is `ratio=X`: training MFU against
+the measured matmul rate.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--parallel", default="auto", help="none, ddp or fsdp (under torchrun)")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     peak = matmul_rate(torch.bfloat16)
@@ -94,14 +97,22 @@ def main() -> None:
     # The first records include compilation; the trainer's rate excludes evals and saves.
     steady = [r["tokens_per_second"] for r in trainer.history[3:]]
     tps = sorted(steady)[len(steady) // 2]
-    mfu = tps * flops_per_token / peak
+    mfu = tps * flops_per_token / (peak * runtime.world_size)
+    catalog = summary.get("mfu")
     print(
-        f"train 124m bf16 (compile, fused AdamW): {tps:,.0f} tokens/s, "
+        f"train 124m bf16 (compile, fused AdamW, parallel={runtime.parallel}, "
+        f"{runtime.world_size} rank(s)): {tps:,.0f} tokens/s, "
+        f"MFU vs catalog peak: {'-' if catalog is None else f'{100 * catalog:.1f}%'}; "
         f"{flops_per_token / 1e6:.0f} MFLOP/token, MFU {100 * mfu:.1f}% of the measured "
         f"matmul; {summary['steps']} steps in {summary['seconds']:.0f} s, "
         f"loss {summary['final_loss']:.3f}"
     )
 
+    if runtime.parallel != "none":  # sharded or replicated: the training figure is the point
+        if runtime.is_main:
+            print(f"ratio={mfu:.3f}")
+        torch.distributed.destroy_process_group()
+        return
     model.eval()
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
         cache = model.new_cache(1, 32 + 256)
