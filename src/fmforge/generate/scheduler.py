@@ -10,7 +10,8 @@ it. Each `step()`:
 2. builds one batch of model rows: the pending token of every decoding sequence, plus prompt
    tokens of sequences still prefilling, in chunks (chunked prefill). While sequences decode, a
    step takes only as many prompt tokens as keep it within `prefill_stall` of a plain decode step,
-   so a long prompt is spread over many steps and never stalls the running streams;
+   so a long prompt is spread over many steps and never stalls the running streams; a short one
+   (`WHOLE_PROMPT` tokens, a chat turn) runs whole, so a new request starts at once;
 3. runs the batch as one `decode_step` (each weight read once for all rows; each row at its own
    cache row and position, see model/kv_cache.CacheRows) and samples every sequence whose logits
    came out, each with its own sampling state (generator, penalties, stop ids and strings).
@@ -39,6 +40,7 @@ from fmforge.model.kv_cache import CacheRows, KVCache
 
 MAX_STEP_ROWS = 256  # prompt tokens run in one step when no sequence is decoding
 PREFILL_STALL = 0.5  # while sequences decode, prompt rows may add this fraction to a step's time
+WHOLE_PROMPT = 64  # a prompt with at most this many tokens left runs whole in the next step
 
 
 @dataclass
@@ -274,13 +276,20 @@ class Scheduler:
         owners = list(decoding)  # sequences that get logits this step, in logit-row order
         logit_rows = list(range(len(decoding)))
         chunks = []  # (sequence, start, count) of prompt tokens
+        whole = min(WHOLE_PROMPT, self.max_step_rows)
+        room = self.max_step_rows  # prompt rows in this step, at most
         for seq in self.active:
-            prompt = seq.request.prompt
-            if seq.pending is not None or seq.length >= len(prompt) or budget <= 0:
+            left = len(seq.request.prompt) - seq.length
+            if seq.pending is not None or left <= 0:
                 continue
-            count = min(budget, len(prompt) - seq.length)
+            # A short remainder (a chat turn) runs whole, so it starts at once; longer prompts
+            # get the budget, a chunk per step.
+            count = min(left, room) if left <= whole else min(budget, left, room)
+            if count <= 0:
+                continue
             chunks.append((seq, seq.length, count))
             budget -= count
+            room -= count
         start_time = time.perf_counter()
         if self.weights is None:  # plain forward (an adapter wraps a projection)
             logits = self._run_forward(decoding, tokens, rows, positions, chunks, owners)
