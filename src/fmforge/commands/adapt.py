@@ -125,6 +125,16 @@ def _experiment_transfer_parser() -> ArgumentParser:
     return p
 
 
+def _experiment_objectives_parser() -> ArgumentParser:
+    p = new_parser("Causal vs masked-LM vs contrastive encoders: probes, STS-B, retrieval.")
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--steps", type=int, default=300, help="causal and MLM steps (32 x seq-len)")
+    p.add_argument("--simcse-steps", type=int, default=100, help="SimCSE steps from the MLM")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per training sequence")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    return p
+
+
 def _adapt_handler(method: str) -> Handler:
     def handle(args: Namespace) -> None:
         from fmforge.adapt.adapted import adapt
@@ -207,6 +217,17 @@ def _eval(args: Namespace) -> None:
         parse_verbalizer(args.verbalizer),
     )
     print_json(result)
+
+
+@command("experiment objectives", _experiment_objectives_parser)
+def _experiment_objectives(args: Namespace) -> None:
+    from fmforge.experiments.objectives import run_objectives
+
+    results = run_objectives(
+        args.out, args.steps, args.simcse_steps, args.seq_len, overwrite=args.overwrite
+    )
+    print_json(results["verdicts"])
+    print(f"report: {args.out}/report.md")
 
 
 @command("experiment transfer", _experiment_transfer_parser)

@@ -1,0 +1,427 @@
+"""Experiment: which self-supervised objective makes the most useful encoder?
+
+Claim (Devlin et al. 2019; Gao et al. 2021): with the same size, tokenizer and token budget,
+masked-LM pretraining gives better text features than next-token prediction, and contrastive
+training (unsupervised SimCSE, from the MLM checkpoint) makes sentence similarity far better.
+
+Setup, all on CPU:
+1. a WordPiece tokenizer and token shards of the built-in `shakespeare` corpus;
+2. three models of the same width and depth (d 128, 4 layers): a causal decoder (`pretrain`,
+   next-token), a BERT masked LM (`--objective mlm`) and SimCSE from that MLM checkpoint
+   (`--objective contrastive`); the causal and MLM runs see the same number of tokens. Each model
+   has a random-init twin (the same architecture, untrained);
+3. features: mean-pooled last hidden states;
+4. probe: standardised features, multinomial logistic regression (L2), test accuracy with a 95%
+   bootstrap interval, on the shipped tasks wordnet-supersense, fortunes-topic and chat-topic-en;
+5. sentence similarity: Spearman of cosine similarities on the STS Benchmark dev split
+   (../shared/data/stsb, skipped when absent), the SimCSE paper's own measure;
+6. retrieval: a WordNet usage example ("the dog barked") -> its synset's gloss, a fixed seeded
+   sample; recall@1 and recall@10, with BM25 as a baseline and minilm-l6 as the ceiling.
+
+Writes `results.json` (`probe`, `sts_dev_spearman`, `retrieval`, budgets), `report.md` and
+`objectives.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fmforge.artifacts import check_output_dir, write_json_atomic
+from fmforge.errors import UserError
+
+TASKS = ("wordnet-supersense", "fortunes-topic", "chat-topic-en")
+STSB = Path(__file__).resolve().parents[4] / "shared" / "data" / "stsb"
+WIDTH = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4)
+RETRIEVAL_PAIRS = 500
+BOOTSTRAP = 1000
+
+Embed = Callable[[list[str]], np.ndarray]
+
+
+def _say(message: str) -> None:
+    import sys
+
+    print(f"[objectives] {message}", file=sys.stderr, flush=True)
+
+
+# --- features ------------------------------------------------------------------------------------
+
+
+def encoder_features(bundle: Any) -> Embed:
+    """Return texts -> mean-pooled (unnormalised) features of a BERT encoder bundle."""
+    from fmforge.generate.embed import embed_texts
+
+    return lambda texts: embed_texts(bundle, texts, batch_size=64, normalize_rows=False)
+
+
+def decoder_features(model: torch.nn.Module, tokenizer, max_tokens: int = 128) -> Embed:
+    """Return texts -> mean-pooled last hidden states of a causal decoder (right-padded)."""
+    from fmforge.generate.embed import pad_batch
+    from fmforge.model.heads import mean_pool
+
+    @torch.no_grad()
+    def embed(texts: list[str]) -> np.ndarray:
+        rows = [(tokenizer.encode(t) or [tokenizer.eos_id])[:max_tokens] for t in texts]
+        out = np.zeros((len(rows), model.config.hidden_size), dtype=np.float32)
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+        for start in range(0, len(order), 64):
+            index = order[start : start + 64]
+            ids, mask = pad_batch([rows[i] for i in index], 0)
+            # Causal attention: real tokens never see the padding that follows them.
+            hidden = model(ids, return_hidden=True)  # (B, T, C)
+            out[index] = mean_pool(hidden, mask).numpy()
+        return out
+
+    return embed
+
+
+# --- measures -----------------------------------------------------------------------------------
+
+
+def logistic_probe(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, classes: int, l2: float = 1e-2
+) -> np.ndarray:
+    """Return test predictions of an L2 multinomial logistic regression on standardised features."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    x = torch.tensor((train_x - mean) / std, dtype=torch.float64)
+    y = torch.tensor(train_y)
+    w = torch.zeros(x.shape[1], classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ w + b, y) + l2 * (w**2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    test = torch.tensor((test_x - mean) / std, dtype=torch.float64)
+    with torch.no_grad():
+        return (test @ w + b).argmax(1).numpy()
+
+
+def bootstrap_accuracy(correct: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """Return accuracy and its 95% percentile bootstrap interval over test examples."""
+    rng = np.random.default_rng(seed)
+    samples = rng.integers(0, len(correct), (BOOTSTRAP, len(correct)))
+    means = correct[samples].mean(1)
+    return {
+        "accuracy": round(float(correct.mean()), 4),
+        "ci_low": round(float(np.percentile(means, 2.5)), 4),
+        "ci_high": round(float(np.percentile(means, 97.5)), 4),
+    }
+
+
+def probe_task(embed: Embed, task_name: str) -> dict[str, float]:
+    """Return the probe's test accuracy and interval for one task."""
+    from fmforge.data.tasks import load_task
+
+    task = load_task(task_name)
+    index = {label: i for i, label in enumerate(task.labels)}
+    train_x = embed([e.text for e in task.train])
+    test_x = embed([e.text for e in task.test])
+    train_y = np.array([index[e.label] for e in task.train])
+    test_y = np.array([index[e.label] for e in task.test])
+    predicted = logistic_probe(train_x, train_y, test_x, len(task.labels))
+    return bootstrap_accuracy((predicted == test_y).astype(np.float64))
+
+
+def sts_dev(embed: Embed) -> float | None:
+    """Return the STS-B dev Spearman of cosine similarities, or None without the data."""
+    from fmforge.experiments.sts import read_sts, spearman
+
+    if not STSB.is_dir():
+        return None
+    rows = read_sts(STSB, "dev")
+    left = _unit(embed([r[0] for r in rows]))
+    right = _unit(embed([r[1] for r in rows]))
+    return round(spearman((left * right).sum(1), np.array([r[2] for r in rows])), 4)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def usage_gloss_pairs(n: int = RETRIEVAL_PAIRS, seed: int = 0) -> list[tuple[str, str]]:
+    """Return n seeded (usage example, gloss) pairs from WordNet's nouns, one per synset."""
+    from fmforge.data.tasks import WORDNET_DIR
+
+    path = WORDNET_DIR / "data.noun"
+    if not path.is_file():
+        raise UserError("the retrieval benchmark needs WordNet; run: apt-get install wordnet-base")
+    pairs = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.startswith(" ") or "|" not in line:
+                continue
+            gloss_field = line.split("|", 1)[1]
+            parts = [p.strip() for p in gloss_field.split(";")]
+            examples = [p.strip('"') for p in parts if p.startswith('"') and len(p) > 12]
+            definition = parts[0]
+            if examples and definition and not definition.startswith('"'):
+                pairs.append((examples[0], definition))
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(pairs), size=min(n, len(pairs)), replace=False)
+    return [pairs[i] for i in sorted(chosen)]
+
+
+def retrieval_recall(embed: Embed, pairs: list[tuple[str, str]]) -> dict[str, float]:
+    """Return recall@1 and @10 of each usage example retrieving its gloss among all glosses."""
+    from fmforge.search.index import exact_top_k
+
+    queries = _unit(embed([p[0] for p in pairs]).astype(np.float32))
+    docs = _unit(embed([p[1] for p in pairs]).astype(np.float32))
+    _, ids = exact_top_k(docs, queries, 10)
+    return _recalls(ids)
+
+
+def _recalls(ids: np.ndarray) -> dict[str, float]:
+    truth = np.arange(len(ids))[:, None]
+    return {
+        "recall_at_1": round(float((ids[:, :1] == truth).any(1).mean()), 4),
+        "recall_at_10": round(float((ids == truth).any(1).mean()), 4),
+    }
+
+
+def bm25_recall(pairs: list[tuple[str, str]], k1: float = 1.5, b: float = 0.75) -> dict:
+    """Return BM25's recall@1/@10 on the same pairs (lowercased word tokens)."""
+
+    def words(text: str) -> list[str]:
+        return re.findall(r"\w+", text.lower())
+
+    docs = [words(p[1]) for p in pairs]
+    average = sum(map(len, docs)) / len(docs)
+    frequency = Counter(w for d in docs for w in set(d))
+    idf = {w: math.log(1 + (len(docs) - f + 0.5) / (f + 0.5)) for w, f in frequency.items()}
+    counts = [Counter(d) for d in docs]
+    ranked = []
+    for query, _ in pairs:
+        scores = np.zeros(len(docs))
+        for w in set(words(query)):
+            if w not in idf:
+                continue
+            for j, c in enumerate(counts):
+                tf = c.get(w, 0)
+                if tf:
+                    norm = tf + k1 * (1 - b + b * len(docs[j]) / average)
+                    scores[j] += idf[w] * tf * (k1 + 1) / norm
+        ranked.append(np.argsort(-scores, kind="stable")[:10])
+    return _recalls(np.array(ranked))
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+def _config(shards: Path, steps: int, seq_len: int, lr: float, init_from: str | None = None):
+    from fmforge.config import PretrainConfig
+
+    return PretrainConfig.from_dict(
+        {
+            "model": {"preset": "small", "init_from": init_from, **_llama_width()},
+            "data": {"shards": str(shards)},
+            "train": {
+                "max_steps": steps,
+                "batch_size": 32,
+                "seq_len": seq_len,
+                "lr": lr,
+                "warmup_steps": max(1, steps // 10),
+                "eval_every": 0,
+                "checkpoint_every": steps,
+                "log_every": 10,
+            },
+        }
+    )
+
+
+def _llama_width() -> dict[str, int]:
+    # The decoder twin of the BERT `small` preset: the same width, depth and heads.
+    return {**WIDTH, "num_key_value_heads": WIDTH["num_attention_heads"]}
+
+
+def run_objectives(
+    out: str | Path,
+    steps: int = 300,
+    simcse_steps: int = 100,
+    seq_len: int = 64,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Run the experiment into `out`; return results.json's contents."""
+    from fmforge.data.pack import prepare_shards
+    from fmforge.model.load import load_bundle
+    from fmforge.tokenizer import train_from_inputs
+    from fmforge.train.pretrain import pretrain
+
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    _say("1/5 WordPiece tokenizer and token shards of shakespeare")
+    train_from_inputs(["shakespeare"], 4096, str(out / "tokenizer"), True, kind="wordpiece")
+    prepare_shards(["shakespeare"], str(out / "tokenizer"), str(out / "shards"), 0.02, 0, True)
+    shards = out / "shards"
+    runs = out / "runs"
+    _say(f"2/5 pretraining: causal and mlm {steps} steps of 32x{seq_len}; simcse {simcse_steps}")
+    pretrain(_config(shards, steps, seq_len, 2e-3), runs / "causal", overwrite=True)
+    pretrain(_config(shards, steps, seq_len, 1e-3), runs / "mlm", overwrite=True, objective="mlm")
+    simcse_cfg = _config(shards, simcse_steps, 32, 1e-4, init_from=str(runs / "mlm" / "final"))
+    pretrain(simcse_cfg, runs / "contrastive", overwrite=True, objective="contrastive")
+
+    _say("3/5 features of trained models and their random-init twins")
+    causal = load_bundle(runs / "causal" / "final")
+    mlm = load_bundle(runs / "mlm" / "final")
+    simcse = load_bundle(runs / "contrastive" / "final")
+    twins = _random_twins(causal, mlm, simcse)
+    models: dict[str, Embed] = {
+        "causal": decoder_features(causal.model, causal.tokenizer),
+        "mlm": encoder_features(mlm),
+        "contrastive": encoder_features(simcse),
+        "causal_random": decoder_features(twins["causal"], causal.tokenizer),
+        "mlm_random": encoder_features(twins["mlm"]),
+        "contrastive_random": encoder_features(twins["contrastive"]),
+    }
+    _say("4/5 probes, STS-B dev, usage->gloss retrieval")
+    probe = {name: {t: probe_task(embed, t) for t in TASKS} for name, embed in models.items()}
+    sts = {name: sts_dev(embed) for name, embed in models.items()}
+    pairs = usage_gloss_pairs()
+    retrieval = {name: retrieval_recall(embed, pairs) for name, embed in models.items()}
+    retrieval["bm25"] = bm25_recall(pairs)
+    try:
+        minilm = load_bundle("minilm-l6", kind="encoder")
+        retrieval["minilm-l6"] = retrieval_recall(encoder_features(minilm), pairs)
+        sts["minilm-l6"] = sts_dev(encoder_features(minilm))
+    except UserError as e:
+        _say(f"minilm-l6 ceiling skipped: {e}")
+    results = {
+        "probe": probe,
+        "sts_dev_spearman": sts,
+        "retrieval": retrieval,
+        "verdicts": _verdicts(probe, sts, retrieval),
+        "budget": {
+            "steps": steps,
+            "simcse_steps": simcse_steps,
+            "batch_size": 32,
+            "seq_len": seq_len,
+            "tokens_per_model": steps * 32 * seq_len,
+            "width": WIDTH,
+        },
+        "retrieval_pairs": len(pairs),
+        "stsb": str(STSB) if STSB.is_dir() else None,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    _say("5/5 report")
+    write_json_atomic(out / "results.json", results)
+    _plot(results, out / "objectives.png")
+    (out / "report.md").write_text(_report(results), encoding="utf-8")
+    return results
+
+
+def _random_twins(causal, mlm, simcse) -> dict[str, torch.nn.Module]:
+    """Return untrained models of the same architectures (seeded init), in eval mode."""
+    from fmforge.model.bert import BertModel
+    from fmforge.model.heads import BertForMaskedLM
+    from fmforge.model.llama import LlamaForCausalLM
+
+    torch.manual_seed(1)
+    twins = {
+        "causal": LlamaForCausalLM(causal.config),
+        "mlm": BertForMaskedLM(mlm.config),
+        "contrastive": BertModel(simcse.config),
+    }
+    for model in twins.values():
+        model.eval()
+    return {
+        "causal": twins["causal"],
+        "mlm": _bundle_like(mlm, twins["mlm"]),
+        "contrastive": _bundle_like(simcse, twins["contrastive"]),
+    }
+
+
+def _bundle_like(bundle, model):
+    from fmforge.model.load import ModelBundle
+
+    return ModelBundle(model, bundle.tokenizer, bundle.config, sentence=bundle.sentence)
+
+
+def _verdicts(probe: dict, sts: dict, retrieval: dict) -> dict[str, Any]:
+    verdicts: dict[str, Any] = {}
+    for objective in ("causal", "mlm", "contrastive"):
+        wins = [
+            t
+            for t in TASKS
+            if probe[objective][t]["ci_low"] > probe[f"{objective}_random"][t]["ci_high"]
+        ]
+        verdicts[f"{objective}_beats_random_twin_on"] = wins
+    if sts.get("contrastive") is not None and sts.get("mlm") is not None:
+        verdicts["simcse_sts_gain"] = round(sts["contrastive"] - sts["mlm"], 4)
+    verdicts["simcse_recall10_change"] = round(
+        retrieval["contrastive"]["recall_at_10"] - retrieval["mlm"]["recall_at_10"], 4
+    )
+    return verdicts
+
+
+def _report(results: dict) -> str:
+    budget = results["budget"]
+    lines = [
+        "# Objectives: causal vs masked LM vs contrastive (SimCSE)",
+        "",
+        f"Same width and depth ({budget['width']}), WordPiece 4096 on shakespeare; causal and "
+        f"masked LM {budget['steps']} steps of {budget['batch_size']}x{budget['seq_len']} tokens "
+        f"({budget['tokens_per_model']:,} tokens each); SimCSE {budget['simcse_steps']} steps "
+        f"from the MLM checkpoint. Wall time {results['seconds']:.0f} s.",
+        "",
+        "## Linear probe (test accuracy, 95% bootstrap interval)",
+        "",
+        "| model | " + " | ".join(TASKS) + " |",
+        "|---|" + "---|" * len(TASKS),
+    ]
+    for name, row in results["probe"].items():
+        cells = [f"{row[t]['accuracy']:.3f} [{row[t]['ci_low']:.3f}, {row[t]['ci_high']:.3f}]"
+                 for t in TASKS]  # fmt: skip
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## STS-B dev Spearman and usage->gloss retrieval", ""]
+    lines += ["| model | STS-B dev | recall@1 | recall@10 |", "|---|---|---|---|"]
+    for name, row in results["retrieval"].items():
+        sts = results["sts_dev_spearman"].get(name)
+        shown = "n/a" if sts is None else f"{sts:.3f}"
+        lines.append(f"| {name} | {shown} | {row['recall_at_1']:.3f} | {row['recall_at_10']:.3f} |")
+    lines += ["", "## Verdicts", "", "```", json.dumps(results["verdicts"], indent=2), "```", ""]
+    lines += ["![objectives](objectives.png)", ""]
+    return "\n".join(lines)
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["probe"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(TASKS)
+    for i, task in enumerate(TASKS):
+        acc = [results["probe"][n][task]["accuracy"] for n in names]
+        low = [a - results["probe"][n][task]["ci_low"] for a, n in zip(acc, names)]
+        high = [results["probe"][n][task]["ci_high"] - a for a, n in zip(acc, names)]
+        xs = np.arange(len(names)) + i * width
+        axes[0].bar(xs, acc, width, yerr=[low, high], label=task, capsize=2)
+    axes[0].set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=30, ha="right")
+    axes[0].set_ylabel("probe test accuracy")
+    axes[0].legend(fontsize=8)
+    retrieval = results["retrieval"]
+    axes[1].bar(list(retrieval), [r["recall_at_10"] for r in retrieval.values()])
+    axes[1].set_ylabel("usage -> gloss recall@10")
+    axes[1].tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
