@@ -16,7 +16,9 @@ Setup, all on CPU:
    token budget, tokenizer and schedule, for two seeds;
 5. held-out loss on the clean split, and memorisation: for prefixes of `PROMPT_TOKENS` tokens taken
    from the duplicated documents (which both corpora contain, once after curation), the share of
-   greedy continuations that reproduce the next `CONTINUATION_TOKENS` tokens verbatim.
+   greedy continuations that reproduce the next `CONTINUATION_TOKENS` tokens verbatim, the share
+   of continuation tokens reproduced, and the loss on them. The `tiny` model is small enough that
+   whole verbatim continuations are rare, so the token-level measures carry the comparison.
 
 Writes `results.json`, `report.md`, `memorisation.png` and the curation report under `curated/`.
 """
@@ -36,7 +38,7 @@ from fmforge.errors import UserError
 
 BASE_DOCUMENTS = 1500  # training documents drawn from the plays (keeps the run within minutes)
 HELDOUT_DOCUMENTS = 300
-DUPLICATED = 40  # documents copied 10-100x into the raw corpus
+DUPLICATED = 10  # documents copied 10-100x into the raw corpus
 PROMPT_TOKENS = 32
 CONTINUATION_TOKENS = 16
 PROMPT_OFFSETS = (0, 48, 96)  # prefixes per duplicated document
@@ -149,7 +151,15 @@ def build_corpus(out: Path, seed: int = 0) -> dict[str, Any]:
 
 
 def memorisation(model, tokenizer, texts: list[str]) -> dict[str, Any]:
-    """Return the share of prefixes whose greedy continuation repeats the text verbatim."""
+    """Return how much of `texts` the model reproduces from prefixes.
+
+    verbatim_share: greedy continuations equal to the next CONTINUATION_TOKENS tokens;
+    token_match_share: continuation tokens that match position by position;
+    continuation_loss: mean next-token loss (nats) on those tokens given the prefix.
+    """
+    import torch
+    import torch.nn.functional as F
+
     from fmforge.generate.engine import generate_tokens
     from fmforge.generate.sampling import SamplingParams
 
@@ -161,16 +171,26 @@ def memorisation(model, tokenizer, texts: list[str]) -> dict[str, Any]:
             if len(ids) >= end:
                 prompts.append(ids[offset : offset + PROMPT_TOKENS])
                 targets.append(ids[offset + PROMPT_TOKENS : end])
+    if not prompts:
+        raise UserError("no document is long enough for a memorisation prompt")
     outputs = generate_tokens(model, prompts, CONTINUATION_TOKENS, SamplingParams(temperature=0))
     exact = sum(out.tokens == target for out, target in zip(outputs, targets))
     matched = sum(
         sum(a == b for a, b in zip(out.tokens, target)) for out, target in zip(outputs, targets)
     )
+    with torch.no_grad():
+        sequences = torch.tensor([p + t for p, t in zip(prompts, targets)])  # (N, P + C)
+        logits = model(sequences[:, :-1])  # (N, P + C - 1, V)
+        scored = logits[:, PROMPT_TOKENS - 1 :]  # (N, C, V): the positions predicting targets
+        loss = F.cross_entropy(
+            scored.reshape(-1, scored.size(-1)), sequences[:, PROMPT_TOKENS:].reshape(-1)
+        )
     return {
         "prompts": len(prompts),
         "verbatim": exact,
-        "verbatim_share": exact / len(prompts) if prompts else 0.0,
-        "token_match_share": matched / (len(prompts) * CONTINUATION_TOKENS) if prompts else 0.0,
+        "verbatim_share": exact / len(prompts),
+        "token_match_share": matched / (len(prompts) * CONTINUATION_TOKENS),
+        "continuation_loss": float(loss),
     }
 
 
@@ -253,10 +273,13 @@ def _summarise(runs, planted, report, steps, started, cpu_started) -> dict[str, 
     def mean(name: str, key: str) -> float:
         return sum(r[key] for r in runs[name]) / len(runs[name])
 
+    # Less memorisation: no more verbatim continuations and fewer matching tokens. A model this
+    # small may reproduce no 16-token continuation verbatim at all, so both measures count.
     per_seed = [
         {
             "seed": raw["seed"],
-            "less_memorisation": cur["verbatim_share"] < raw["verbatim_share"],
+            "less_memorisation": cur["verbatim_share"] <= raw["verbatim_share"]
+            and cur["token_match_share"] < raw["token_match_share"],
             "loss_not_worse": cur["heldout_loss"] <= raw["heldout_loss"],
         }
         for raw, cur in zip(runs["raw"], runs["curated"])
@@ -268,8 +291,18 @@ def _summarise(runs, planted, report, steps, started, cpu_started) -> dict[str, 
         ),
         "per_seed": per_seed,
         "memorisation_ratio_raw_over_curated": (raw_memo / cur_memo) if cur_memo else None,
+        "token_match_ratio_raw_over_curated": mean("raw", "token_match_share")
+        / max(mean("curated", "token_match_share"), 1e-9),
         "mean": {
-            name: {k: round(mean(name, k), 4) for k in ("heldout_loss", "verbatim_share")}
+            name: {
+                k: round(mean(name, k), 4)
+                for k in (
+                    "heldout_loss",
+                    "verbatim_share",
+                    "token_match_share",
+                    "continuation_loss",
+                )
+            }
             for name in runs
         },
         "runs": runs,
@@ -296,9 +329,10 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     for offset, name in ((-0.2, "raw"), (0.2, "curated")):
         runs = result["runs"][name]
         xs = [i + offset for i in range(len(runs))]
-        left.bar(xs, [r["verbatim_share"] for r in runs], width=0.4, label=name)
+        left.bar(xs, [r["token_match_share"] for r in runs], width=0.4, label=name)
         right.bar(xs, [r["heldout_loss"] for r in runs], width=0.4, label=name)
-    for ax, title in ((left, "verbatim continuations (share)"), (right, "held-out loss (nats)")):
+    titles = ("continuation tokens reproduced (share)", "held-out loss (nats)")
+    for ax, title in zip((left, right), titles):
         ax.set_xticks(range(len(result["runs"]["raw"])))
         ax.set_xticklabels([f"seed {r['seed']}" for r in result["runs"]["raw"]])
         ax.set_title(title, fontsize=9)
@@ -329,23 +363,29 @@ def _report(r: dict[str, Any]) -> str:
         f"{PROMPT_TOKENS}-token prefixes of the duplicated documents that repeat the next "
         f"{CONTINUATION_TOKENS} tokens verbatim.",
         "",
-        "| corpus | seed | held-out loss | verbatim | token match |",
-        "|---|---:|---:|---:|---:|",
+        "| corpus | seed | held-out loss | verbatim | token match | continuation loss |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name in ("raw", "curated"):
         for run in r["runs"][name]:
             lines.append(
                 f"| {name} | {run['seed']} | {run['heldout_loss']:.4f} | "
                 f"{run['verbatim']}/{run['prompts']} ({run['verbatim_share']:.1%}) | "
-                f"{run['token_match_share']:.1%} |"
+                f"{run['token_match_share']:.1%} | {run['continuation_loss']:.3f} |"
             )
     ratio = r["memorisation_ratio_raw_over_curated"]
-    ratio_text = f"{ratio:.1f}x" if ratio is not None else "unbounded (curated: none)"
+    if ratio is not None:
+        ratio_text = f"verbatim continuations are {ratio:.1f}x as frequent from raw as from curated"
+    elif r["mean"]["raw"]["verbatim_share"] > 0:
+        ratio_text = "only the raw model reproduces continuations verbatim"
+    else:
+        ratio_text = "neither model reproduces a 16-token continuation verbatim (too small a model)"
     verdict = "holds" if r["claim_holds_every_seed"] else "does NOT hold"
     lines += [
         "",
-        f"Raw memorises {ratio_text} as often as curated. The claim (less memorisation at equal or "
-        f"lower held-out loss) **{verdict}** for every seed in this run.",
+        f"{ratio_text[0].upper()}{ratio_text[1:]}; matching continuation tokens are "
+        f"{r['token_match_ratio_raw_over_curated']:.1f}x as frequent. The claim (less memorisation "
+        f"at equal or lower held-out loss) **{verdict}** for every seed in this run.",
         "",
         "![memorisation](memorisation.png)",
         "",
