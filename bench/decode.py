@@ -6,7 +6,7 @@ new tokens after a 32-token prompt; after a warm-up, every side runs once per ro
 `--repeats` rounds, and medians are compared. fmforge's int8 and int4 are `quantize_model` of the
 same fp32 model (model/quantize.py). When llama.cpp is built (`make bench-peers` puts
 `llama-bench` in .peers/bin), the same SmolLM2 weights are written by `fmforge export --format
-gguf` as F32, Q8_0 and Q4_0 files and `llama-bench -n 256 -p 0` runs them in the same rounds with
+gguf` as F32, Q8_0, Q4_0 and Q4_1 files and `llama-bench -n 256 -p 0` runs them in the same rounds with
 the same thread count. Also printed: the memory-bandwidth ceiling of each fmforge variant (its
 weight bytes per token / copy bandwidth measured in this run), SmolLM2's perplexity on held-out
 text per variant, and how many of 20 fixed chat prompts get the same first 16 greedy tokens from
@@ -14,7 +14,9 @@ the quantised model as from fp32.
 
 Last lines: `ratio_smollm2=` and `ratio=` (fmforge fp32 / transformers: SmolLM2, small),
 `ratio_int8_vs_fp32=`, `ratio_int4_vs_fp32=` (SmolLM2), `ratio_int8_vs_llamacpp_q8=`,
-`ratio_int4_vs_llamacpp_q4=`, `ratio_fp32_vs_llamacpp_f32=` (or a reason when llama.cpp is absent).
+`ratio_int4_vs_llamacpp_q4=` (Q4_0, the issue's target), `ratio_int4_vs_llamacpp_q4_1=` (Q4_1, the
+same block format as fmforge's int4), `ratio_fp32_vs_llamacpp_f32=` (or a reason when llama.cpp is
+absent).
 
     .venv/bin/python bench/decode.py [--repeats 5] [--repeats-smollm2 3] [--skip-smollm2]
 """
@@ -259,12 +261,12 @@ def quality(tokenizer, models: dict) -> None:
 
 
 def export_peers(loaded, out: Path) -> dict:
-    """Write the SmolLM2 weights as F32, Q8_0 and Q4_0 GGUF files with `fmforge export`."""
+    """Write the SmolLM2 weights as F32, Q8_0, Q4_0 and Q4_1 GGUF files with `fmforge export`."""
     from fmforge.model.gguf_export import export_gguf
 
     return {
         label: export_gguf(loaded, out / f"smollm2-{dtype}.gguf", dtype)
-        for label, dtype in (("F32", "f32"), ("Q8_0", "q8_0"), ("Q4_0", "q4_0"))
+        for label, dtype in (("F32", "f32"), ("Q8_0", "q8_0"), ("Q4_0", "q4_0"), ("Q4_1", "q4_1"))
     }
 
 
@@ -386,6 +388,7 @@ def main() -> None:
         ("fmforge fp32", "llama.cpp F32", "ratio_fp32_vs_llamacpp_f32"),
         ("fmforge int8", "llama.cpp Q8_0", "ratio_int8_vs_llamacpp_q8"),
         ("fmforge int4", "llama.cpp Q4_0", "ratio_int4_vs_llamacpp_q4"),
+        ("fmforge int4", "llama.cpp Q4_1", "ratio_int4_vs_llamacpp_q4_1"),
     ):
         if peer_reason is None:
             print(f"{key}={ratio(smollm2, ours, theirs):.2f}")

@@ -44,26 +44,37 @@ def quantised_activations(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("bits,group", [(8, 32), (8, 0), (4, 32)])
 def test_round_trip_error_is_within_half_a_step(bits, group):
     weight = torch.randn(48, 96)
-    qweight, scales = quantize_weight(weight, bits, group)
-    back = dequantize_weight(qweight, scales, bits, 96)
+    qweight, scales, mins = quantize_weight(weight, bits, group)
+    back = dequantize_weight(qweight, scales, bits, 96, mins)
     step = scales.float().abs().repeat_interleave(96 // scales.shape[1], dim=1)
     assert qweight.dtype == (torch.int8 if bits == 8 else torch.uint8)
     assert qweight.shape == (48, 96 if bits == 8 else 48)
-    # round to nearest: never more than half a step (plus fp16 scale rounding) from the weight;
-    # int4's range is [-8, 7] steps around the largest value, so the far side may clip by 1 step
-    bound = (0.5 if bits == 8 else 1.0) * step + 1e-3 * weight.abs()
+    # round to nearest: never more than half a step (plus fp16 scale and min rounding) away
+    bound = 0.5 * step + 2e-3 * weight.abs().amax()
     assert ((back - weight).abs() <= bound).all()
     assert (back - weight).abs().max() > 0  # it did quantise
 
 
-def test_int4_block_layout_matches_q4_0():
-    """Byte i of a block holds element i (low nibble) and element 16 + i (high), as q + 8."""
+def test_int4_block_layout_matches_q4_1():
+    """Byte i of a block holds element i (low nibble) and element 16 + i (high nibble), q in
+    [0, 15] standing for scale * q + min."""
     weight = torch.zeros(1, 32)
-    weight[0, 0], weight[0, 16], weight[0, 5] = -8.0, 4.0, 1.0  # scale = -8 / -8 = 1
-    qweight, scales = quantize_weight(weight, 4)
-    assert scales.item() == 1.0
-    assert qweight[0, 0].item() == (-8 + 8) | ((4 + 8) << 4)
-    assert qweight[0, 5].item() == (1 + 8) | (8 << 4)
+    weight[0, 0], weight[0, 16], weight[0, 5] = -1.0, 14.0, 2.0  # min -1, scale 1
+    qweight, scales, mins = quantize_weight(weight, 4)
+    assert (scales.item(), mins.item()) == (1.0, -1.0)
+    assert qweight[0, 0].item() == 0 | (15 << 4)
+    assert qweight[0, 5].item() == 3 | (1 << 4)  # element 21 is 0: q = 1
+
+
+def test_int4_reproduces_q4_1_blocks_exactly():
+    """Weights already on a Q4_1 grid (SmolLM2's GGUF) come back unchanged."""
+    q = torch.randint(0, 16, (8, 64)).float()
+    q[:, ::32], q[:, 1::32] = 0, 15  # every block spans the whole grid, as Q4_1 blocks do
+    scale = torch.rand(8, 2).half().float().repeat_interleave(32, dim=1)
+    low = torch.randn(8, 2).half().float().repeat_interleave(32, dim=1)
+    weight = q * scale + low
+    back = dequantize_weight(*quantize_weight(weight, 4)[:2], 4, 64, quantize_weight(weight, 4)[2])
+    torch.testing.assert_close(back, weight, rtol=0, atol=1e-6)
 
 
 @needs_kernels

@@ -58,7 +58,7 @@ def _export_parser() -> ArgumentParser:
     p.add_argument("model", help="a model dir, a built-in name (fmforge models) or a .gguf file")
     p.add_argument("--out", required=True, help="output directory (hf) or file (gguf)")
     p.add_argument("--format", default="hf", help="hf (a model dir) or gguf (one file)")
-    p.add_argument("--dtype", default="f32", help="gguf only: f32, f16, q8_0 or q4_0")
+    p.add_argument("--dtype", default="f32", help="gguf only: f32, f16, q8_0, q4_0 or q4_1")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return p
 

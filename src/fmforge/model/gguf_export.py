@@ -5,8 +5,8 @@ checks equal logits):
 - metadata: `general.architecture = llama` and the `llama.*` hyperparameters;
 - tensors: HF names -> `blk.N.attn_q.weight` etc.; Q and K rows permuted from HF's rotate-half
   RoPE layout to llama.cpp's interleaved pairs (model/gguf.py `unpermute` undoes it);
-- dtype: f32; f16 (matrices, norms stay f32); q8_0 or q4_0 (matrices in llama.cpp's 32-value
-  blocks, written with gguf-py's quantiser; norms stay f32). A quantised fmforge model is
+- dtype: f32; f16 (matrices, norms stay f32); q8_0, q4_0 or q4_1 (matrices in llama.cpp's
+  32-value blocks, written with gguf-py's quantiser; norms stay f32). A quantised fmforge model is
   dequantised first, so its export is the weights it runs;
 - tokenizer: byte-level BPE as `tokenizer.ggml.model = gpt2` with tokens, merges and token types
   (special tokens CONTROL), the pre-tokenizer llama.cpp must mirror (`gpt-2`, or `smollm` when
@@ -26,7 +26,7 @@ import torch
 from fmforge.errors import UserError
 from fmforge.model.gguf import _BLOCK_NAMES, _TOP_NAMES
 
-DTYPES = ("f32", "f16", "q8_0", "q4_0")
+DTYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
 _TOKEN_NORMAL, _TOKEN_UNUSED, _TOKEN_CONTROL, _TOKEN_USER = 1, 5, 3, 4
 
 
@@ -66,7 +66,7 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(module, QuantLinear):
             state[f"{name}.weight"] = module.weight
     for name, tensor in model.state_dict().items():
-        if not name.endswith((".qweight", ".scales")):
+        if not name.endswith((".qweight", ".scales", ".mins")):
             state[name] = tensor
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -151,8 +151,9 @@ def export_gguf(loaded: Any, out: str | os.PathLike, dtype: str = "f32") -> Path
         "f16": gguf.GGMLQuantizationType.F16,
         "q8_0": gguf.GGMLQuantizationType.Q8_0,
         "q4_0": gguf.GGMLQuantizationType.Q4_0,
+        "q4_1": gguf.GGMLQuantizationType.Q4_1,
     }
-    file_types = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}  # llama.cpp's LLAMA_FTYPE_*
+    file_types = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}  # LLAMA_FTYPE_*
     out = Path(out)
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give a file name such as model.gguf")
@@ -180,7 +181,7 @@ def export_gguf(loaded: Any, out: str | os.PathLike, dtype: str = "f32") -> Path
                 weight = permute(weight, config.num_key_value_heads)
             array = weight.numpy()
             kind = kinds[dtype] if array.ndim == 2 else gguf.GGMLQuantizationType.F32
-            if kind in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0):
+            if kind not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
                 if array.shape[1] % 32:  # llama.cpp's blocks span 32 inputs
                     kind = gguf.GGMLQuantizationType.F16
             if kind == gguf.GGMLQuantizationType.F16:

@@ -9,8 +9,8 @@
  *   int8 weights: w (n, kp) int8 in [-127, 127]; scales (n, groups) fp16, one per
  *     `per_scale` blocks of 32 (1 for groups of 32, kp / 32 for one scale per row).
  *   int4 weights: w (n, kp / 2) uint8; block b of a row is bytes 16b .. 16b + 15, byte i holding
- *     element 32b + i in its low nibble and element 32b + 16 + i in its high nibble, each stored
- *     as q + 8 for q in [-8, 7] (llama.cpp's Q4_0 block); scales (n, kp / 32) fp16.
+ *     element 32b + i in its low nibble and element 32b + 16 + i in its high nibble, q in [0, 15]
+ *     standing for scale * q + min (llama.cpp's Q4_1 block); scales and mins (n, kp / 32) fp16.
  * The weights stay quantised in memory: each block is widened in registers, multiplied as
  * integers with the activation block (maddubs on AVX2, vpdpbusd with AVX512-VNNI) and scaled
  * once per block, so a product reads 1 (int8) or 0.5 (int4) bytes per weight plus the scales.
@@ -135,19 +135,18 @@ static float dot_row_q8(const int8_t *xr, const float *dr, const int8_t *wj, con
 }
 
 static float dot_row_q4(const int8_t *xr, const float *dr, const int32_t *sr, const uint8_t *wj,
-                        const uint16_t *sj, int64_t blocks) {
-    float acc = 0.0f, offset = 0.0f;
+                        const uint16_t *sj, const uint16_t *mj, int64_t blocks) {
+    float acc = 0.0f;
     for (int64_t b = 0; b < blocks; b++) {
-        const float d = dr[b] * half_to_float(sj[b]);
         const uint8_t *p = wj + b * (BLOCK / 2);
         const int8_t *xb = xr + b * BLOCK;
         int32_t dot = 0;
         for (int i = 0; i < BLOCK / 2; i++)
             dot += (p[i] & 0x0f) * xb[i] + (p[i] >> 4) * xb[i + BLOCK / 2];
-        acc += (float)dot * d;
-        offset += d * (float)sr[b];
+        /* sum (s q + m) x = s sum(q x) + m sum(x), each times the activations' block scale */
+        acc += dr[b] * (half_to_float(sj[b]) * (float)dot + half_to_float(mj[b]) * (float)sr[b]);
     }
-    return acc - 8.0f * offset; /* the stored nibbles are q + 8 */
+    return acc;
 }
 
 #ifdef FMFORGE_AVX2
@@ -232,7 +231,8 @@ static void dot4_q8_rows(const int8_t *xr, const float *dr, const int32_t *sr, c
  * (elements 0-15 of b, then of b + 1) and the high nibbles (elements 16-31), matched by the
  * activations rearranged the same way once for all 4 rows. */
 static void dot4_q4(const int8_t *xr, const float *dr, const int32_t *sr, const uint8_t *w,
-                    const uint16_t *s, int64_t kp, int64_t blocks, float *out) {
+                    const uint16_t *s, const uint16_t *mins, int64_t kp, int64_t blocks,
+                    float *out) {
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
                      _mm256_setzero_ps()};
     __m256 offset = _mm256_setzero_ps();
@@ -248,7 +248,7 @@ static void dot4_q4(const int8_t *xr, const float *dr, const int32_t *sr, const 
         const __m256i x_lo = _mm256_permute2x128_si256(x0, x1, 0x20); /* elements 0-15 of each */
         const __m256i x_hi = _mm256_permute2x128_si256(x0, x1, 0x31); /* elements 16-31 */
         const __m256 d = pair_scales(s + b, blocks, dr + b);
-        offset = _mm256_fmadd_ps(d, pair_sums(sr + b), offset);
+        offset = _mm256_fmadd_ps(pair_scales(mins + b, blocks, dr + b), pair_sums(sr + b), offset);
         for (int c = 0; c < 4; c++) {
             const __m256i wv =
                 _mm256_loadu_si256((const __m256i *)(w + c * (kp / 2) + b * (BLOCK / 2)));
@@ -262,30 +262,32 @@ static void dot4_q4(const int8_t *xr, const float *dr, const int32_t *sr, const 
     float off[8];
     _mm256_storeu_ps(off, offset);
     for (int c = 0; c < 4; c++) {
-        out[c] = hsum(acc[c]) - 8.0f * (off[2 * c] + off[2 * c + 1]);
+        out[c] = hsum(acc[c]) + off[2 * c] + off[2 * c + 1]; /* + min * sum(x) per block */
         if (b < blocks) /* an odd last block */
             out[c] += dot_row_q4(xr + b * BLOCK, dr + b, sr + b, w + c * (kp / 2) + b * (BLOCK / 2),
-                                 s + c * blocks + b, 1);
+                                 s + c * blocks + b, mins + c * blocks + b, 1);
     }
 }
 #endif
 
-/* The products of up to 3 quantised linears that share their input (q/k/v, gate/up), in one call:
+/* The products of up to 3 quantised linears that share their input (q/k/v, gate/up), in one call
+ * (mins: int4 only, else NULL):
  * x (rows, k) fp32 is quantised once, then one parallel loop covers every output row of every
  * weight, writing y (rows, n0 + n1 + n2) with the outputs side by side. All weights have the
  * same bits (8 or 4) and the same blocks per scale. One call and one thread team per group keeps
  * a decode step's per-product overhead to a few microseconds. */
 void fmforge_quant_group(const float *x, int64_t rows, int64_t k, int64_t kp, int bits,
                          int64_t per_scale, int count, const void *w0, const uint16_t *s0,
-                         int64_t n0, const void *w1, const uint16_t *s1, int64_t n1,
-                         const void *w2, const uint16_t *s2, int64_t n2, float *y, int threads) {
+                         const uint16_t *m0, int64_t n0, const void *w1, const uint16_t *s1,
+                         const uint16_t *m1, int64_t n1, const void *w2, const uint16_t *s2,
+                         const uint16_t *m2, int64_t n2, float *y, int threads) {
     const int64_t blocks = kp / BLOCK, groups = blocks / per_scale;
     int8_t *xq = (int8_t *)malloc((size_t)(rows * kp));
     float *dx = (float *)malloc(sizeof(float) * (size_t)(rows * blocks));
     int32_t *xsum = (int32_t *)malloc(sizeof(int32_t) * (size_t)(rows * blocks));
     fmforge_quantize_rows(x, rows, k, kp, xq, dx, xsum);
     const void *w[3] = {w0, w1, w2};
-    const uint16_t *s[3] = {s0, s1, s2};
+    const uint16_t *s[3] = {s0, s1, s2}, *mins[3] = {m0, m1, m2};
     const int64_t n[3] = {n0, count > 1 ? n1 : 0, count > 2 ? n2 : 0};
     const int64_t quads[3] = {(n[0] + 3) / 4, (n[1] + 3) / 4, (n[2] + 3) / 4};
     const int64_t total = quads[0] + quads[1] + quads[2], y_stride = n[0] + n[1] + n[2];
@@ -301,7 +303,7 @@ void fmforge_quant_group(const float *x, int64_t rows, int64_t k, int64_t kp, in
         }
         const int64_t j0 = local * 4, count4 = n[m] - j0 < 4 ? n[m] - j0 : 4;
         const uint8_t *wm = (const uint8_t *)w[m] + j0 * row_bytes;
-        const uint16_t *sm = s[m] + j0 * groups;
+        const uint16_t *sm = s[m] + j0 * groups, *mm = bits == 4 ? mins[m] + j0 * groups : 0;
         for (int64_t r = 0; r < rows; r++) {
             const int8_t *xr = xq + r * kp;
             const float *dr = dx + r * blocks;
@@ -314,7 +316,7 @@ void fmforge_quant_group(const float *x, int64_t rows, int64_t k, int64_t kp, in
                 else if (bits == 8)
                     dot4_q8_rows(xr, dr, sr, (const int8_t *)wm, sm, kp, blocks, yr);
                 else
-                    dot4_q4(xr, dr, sr, wm, sm, kp, blocks, yr);
+                    dot4_q4(xr, dr, sr, wm, sm, mm, kp, blocks, yr);
                 continue;
             }
 #endif
@@ -323,7 +325,8 @@ void fmforge_quant_group(const float *x, int64_t rows, int64_t k, int64_t kp, in
                     yr[c] = dot_row_q8(xr, dr, (const int8_t *)wm + c * row_bytes, sm + c * groups,
                                        groups, per_scale);
                 else
-                    yr[c] = dot_row_q4(xr, dr, sr, wm + c * row_bytes, sm + c * groups, blocks);
+                    yr[c] = dot_row_q4(xr, dr, sr, wm + c * row_bytes, sm + c * groups,
+                                       mm + c * groups, blocks);
             }
         }
     }

@@ -67,7 +67,7 @@ def library() -> ctypes.CDLL | None:
     signatures = {
         "fmforge_quantize_rows": [ptr, i64, i64, i64, ptr, ptr, ptr],
         "fmforge_quant_group": [ptr, i64, i64, i64, i32, i64, i32]
-        + [ptr, ptr, i64] * 3
+        + [ptr, ptr, ptr, i64] * 3
         + [ptr, i32],
     }
     try:
