@@ -6,11 +6,12 @@ new tokens after a 32-token prompt; after a warm-up, every side runs once per ro
 `--repeats` rounds, and medians are compared. fmforge's int8 and int4 are `quantize_model` of the
 same fp32 model (model/quantize.py). When llama.cpp is built (`make bench-peers` puts
 `llama-bench` in .peers/bin), the same SmolLM2 weights are written by `fmforge export --format
-gguf` as F32, Q8_0, Q4_0 and Q4_1 files and `llama-bench -n 256 -p 0` runs them in the same rounds with
-the same thread count. Also printed: the memory-bandwidth ceiling of each fmforge variant (its
-weight bytes per token / copy bandwidth measured in this run), SmolLM2's perplexity on held-out
-text per variant, and how many of 20 fixed chat prompts get the same first 16 greedy tokens from
-the quantised model as from fp32.
+gguf` as F32, Q8_0, Q4_0 and Q4_1 files and `llama-bench -n 256 -p 0` runs them in the same
+rounds with the same thread count. Also printed: the memory-bandwidth ceiling of each fmforge
+variant (its weight bytes per token / copy bandwidth measured in this run), SmolLM2's perplexity
+on held-out text per variant, how many of 20 fixed chat prompts get the same first 16 greedy
+tokens from the quantised models as from fp32, and whether llama.cpp continues a prompt like
+fmforge on the exported f32 GGUF.
 
 Last lines: `ratio_smollm2=` and `ratio=` (fmforge fp32 / transformers: SmolLM2, small),
 `ratio_int8_vs_fp32=`, `ratio_int4_vs_fp32=` (SmolLM2), `ratio_int8_vs_llamacpp_q8=`,
