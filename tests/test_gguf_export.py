@@ -121,6 +121,19 @@ def _llama_simple_continuation(path: Path, prompt: str, tokens: int) -> str:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (PEERS / "llama-simple").exists(), reason="llama.cpp: make bench-peers")
+def test_llama_cpp_runs_an_fmforge_tokenizer_model(bundle, tmp_path):
+    """A model with fmforge's own byte-level BPE tokenizer: llama.cpp tokenises the prompt and
+    continues it greedily as fmforge does (a random tiny model: a weight-order check)."""
+    path = export_gguf(bundle, tmp_path / "tiny-f32.gguf", "f32")
+    prompt = "def alpha_1(beta):"
+    ids = bundle.tokenizer.encode(prompt)
+    ours = bundle.tokenizer.decode(generate_tokens(bundle.model, [ids], 16)[0].tokens)
+    theirs = _llama_simple_continuation(path, prompt, 16)
+    assert ours in theirs, (ours, theirs)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (PEERS / "llama-simple").exists(), reason="llama.cpp: make bench-peers")
 def test_llama_cpp_continues_like_fmforge(tmp_path):
     """llama.cpp's greedy continuation of the exported SmolLM2 (f32) equals fmforge's for 32
     tokens (compared as text: llama-simple prints text)."""
