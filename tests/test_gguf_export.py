@@ -124,6 +124,9 @@ def _llama_simple_continuation(path: Path, prompt: str, tokens: int) -> str:
 def test_llama_cpp_runs_an_fmforge_tokenizer_model(bundle, tmp_path):
     """A model with fmforge's own byte-level BPE tokenizer: llama.cpp tokenises the prompt and
     continues it greedily as fmforge does (a random tiny model: a weight-order check)."""
+    config = copy.deepcopy(bundle.config)
+    config.vocab_size = bundle.tokenizer.vocab_size  # no unused ids for llama.cpp to print
+    bundle = ModelBundle(LlamaForCausalLM(config).eval(), bundle.tokenizer, config)
     path = export_gguf(bundle, tmp_path / "tiny-f32.gguf", "f32")
     prompt = "def alpha_1(beta):"
     ids = bundle.tokenizer.encode(prompt)
