@@ -16,7 +16,7 @@ from jsonargparse import ArgumentParser, Namespace
 Handler = Callable[[Namespace], int | None]
 COMMANDS: dict[str, tuple[Callable[[], ArgumentParser], Handler]] = {}
 GROUPS: dict[str, str] = {  # command groups with subcommands, and their one-line descriptions
-    "tokenizer": "Byte-level BPE tokenizers.",
+    "tokenizer": "Byte-level BPE and WordPiece tokenizers.",
     "data": "Data curation and preparation.",
 }
 

@@ -47,7 +47,7 @@ def _data_prepare_parser() -> ArgumentParser:
 def _pretrain_parser() -> ArgumentParser:
     from fmforge.config import PretrainConfig
 
-    p = new_parser("Pretrain a decoder with next-token prediction; resumable.")
+    p = new_parser("Pretrain a decoder (next-token) or an encoder (--objective mlm|contrastive).")
     p.add_argument("--config", action=ActionConfigFile, help="a YAML config file")
     p.add_class_arguments(PretrainConfig, None, as_group=False)
     p.add_argument("--out", required=True, help="run directory")
