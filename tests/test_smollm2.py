@@ -118,6 +118,7 @@ def test_cli_generate_chat(smollm2, monkeypatch, capsys):
         "--max-new-tokens",
         "24",
         "--stream",
+        "--greedy",  # the command samples by default
     ]
     assert main(argv) == 0
     assert "Paris" in capsys.readouterr().out
