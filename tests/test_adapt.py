@@ -67,11 +67,14 @@ def _train(method, loaded, task, **changes):
     lm = copy.deepcopy(loaded.model)
     before = {k: v.clone() for k, v in lm.state_dict().items()}
     classifier, trainable = build_classifier(method, lm, task, loaded.tokenizer, options)
+    trainable_before = [p.detach().clone() for p in trainable]
     data = encode(loaded.tokenizer, task, task.train, PATTERNS[0])
     with tempfile.TemporaryDirectory() as run_dir:
         train_classifier(classifier, trainable, data, options, 1e-2, run_dir)
     after = lm.state_dict()
     changed = {k for k, v in before.items() if not torch.equal(after[k], v)}
+    # What training was meant to change did change: every trainable tensor moved.
+    assert trainable and all(not torch.equal(p, b) for p, b in zip(trainable, trainable_before))
     return classifier, changed, after
 
 
@@ -79,9 +82,12 @@ def _train(method, loaded, task, **changes):
 def test_prompt_tuning_pet_and_lora_change_no_base_parameter(method, loaded, task_file):
     task = load_task(str(task_file), examples_per_class=4)
     classifier, changed, _ = _train(method, loaded, task)
-    assert changed == set()
+    assert changed == set()  # and _train checked that the method's own parameters moved
     if method == "prompt-tuning":
         assert classifier.soft_prompt.embeddings.requires_grad
+    if method in ("pet", "lora"):
+        lora_b = [p for n, p in classifier.named_parameters() if "lora_B" in n]
+        assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # moved off its zero init
 
 
 def test_freeze_changes_only_top_block_norm_and_head(loaded, task_file):
@@ -127,8 +133,16 @@ def test_whole_word_scoring_equals_first_token_scoring_for_one_token_words(loade
 
 def test_ensemble_and_icl_rows(loaded, task_file):
     task = load_task(str(task_file), examples_per_class=4)
+    from fmforge.adapt.classifier import accuracy
+    from fmforge.adapt.icl import icl_probs
+
     row = run_method("ensemble", loaded, task, AdaptOptions(shots=2, patterns=3)).row
-    assert len(row["member_accuracies"]) == 3 and 0 <= row["accuracy"] <= 1
+    assert len(row["member_accuracies"]) == 3
+    # The ensemble is the mean of its members' distributions, recomputed here independently.
+    members = [icl_probs(loaded, task, task.test, 2, PATTERNS[i], i, 96, 16)[0] for i in range(3)]
+    labels = [task.label_index(e.label) for e in task.test]
+    assert row["accuracy"] == pytest.approx(accuracy(torch.stack(members).mean(0), labels))
+    assert row["member_accuracies"] == pytest.approx([accuracy(m, labels) for m in members])
     icl = run_method("icl", loaded, task, AdaptOptions(shots=2)).row
     assert icl["shots"] == 2 and icl["trainable_params"] == 0
 
