@@ -58,12 +58,28 @@ def _classification_case():
     return model, batch, classification_loss
 
 
-CASES = {"causal_lm": _causal_case, "classification": _classification_case}
+def _dpo_case():
+    from fmforge.posttrain.preference import PreferenceObjective, Reference
+    from fmforge.posttrain.sequences import pad_sequences
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(preset_config("tiny"))
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for n, start in ((14, 6), (9, 4), (12, 8), (7, 3)):  # 2 pairs: chosen rows, rejected rows
+        ids = torch.randint(1, 512, (n,), generator=g).tolist()
+        rows.append((ids, [-100] * start + ids[start:]))  # the response starts at `start`
+    batch = pad_sequences(rows, pad_id=0)
+    return model, batch, PreferenceObjective(Reference(model, lora=False))
+
+
+CASES = {"causal_lm": _causal_case, "classification": _classification_case, "dpo": _dpo_case}
 
 # objective -> (loss before the first step, loss after it), nats per scored target.
 GOLDEN = {
     "causal_lm": (6.2407684, 5.6228547),
     "classification": (1.0651900, 0.5224066),
+    "dpo": (0.6931472, 0.3773170),  # ln 2 before: the policy is its own reference
 }
 
 
