@@ -26,6 +26,8 @@ bias-free `nn.Linear`; an adapter such as LoRA wraps them, and then the ordinary
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,6 +75,7 @@ class DecodeWeights:
             and all(w.is_contiguous() for w in self.sources)
         ):
             self.kernel = native.library()
+        self._pointer_cache: dict[int, tuple[ctypes.Array, ctypes.Array]] = {}
         self.buffer: torch.Tensor | None = None  # the torch path's blocked copy
         self.blocks: list[torch.Tensor | None] = []
         if self.kernel is None:
@@ -118,6 +121,17 @@ class DecodeWeights:
             and self.key_of(weights) == self.key
         )
 
+    def _pointers(self, index: int) -> tuple[ctypes.Array, ctypes.Array]:
+        # The kernel's view of group `index`: its weights' addresses and output rows (cached; the
+        # tensors stay put while `current` holds).
+        cached = self._pointer_cache.get(index)
+        if cached is None:
+            group = self.groups[index]
+            pointers = (ctypes.c_void_p * len(group))(*[w.data_ptr() for w in group])
+            rows = (ctypes.c_int64 * len(group))(*[w.shape[0] for w in group])
+            cached = self._pointer_cache[index] = (pointers, rows)
+        return cached
+
     def matmul(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Return x (B, C_in) times group `index`'s fused weight: (B, C_out)."""
         if isinstance(self.groups[index][0], QuantLinear):
@@ -125,15 +139,12 @@ class DecodeWeights:
         b = x.shape[0]
         if self.kernel is not None:
             x = x.contiguous()
-            c_out = self.outs[index]
-            y = x.new_empty(b, c_out)
-            start = y.data_ptr()
-            for weight in self.groups[index]:  # q, k, v (or gate, up) side by side in y
-                n, c_in = weight.shape
-                self.kernel.fmforge_gemm_rows(
-                    x.data_ptr(), weight.data_ptr(), start, b, c_in, n, c_out, self.threads
-                )
-                start += n * y.element_size()
+            y = x.new_empty(b, self.outs[index])
+            pointers, rows = self._pointers(index)  # q, k, v (or gate, up) side by side in y
+            self.kernel.fmforge_gemm_group(
+                x.data_ptr(), pointers, rows, len(rows), y.data_ptr(), b, x.shape[1], y.shape[1],
+                self.threads,
+            )  # fmt: skip
             return y
         blocks = self.blocks[index]  # (n, C_in, C_out / n)
         n, c_in, block = blocks.shape

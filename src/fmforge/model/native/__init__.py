@@ -104,6 +104,7 @@ def _signatures() -> dict[str, tuple[list, type | None]]:
     ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     return {
         "fmforge_gemm_rows": ([ptr, ptr, ptr, i64, i64, i64, i64, i32], None),
+        "fmforge_gemm_group": ([ptr, ptr, ptr, i64, ptr, i64, i64, i64, i32], None),
         "fmforge_add_rmsnorm": ([ptr, ptr, ptr, f32, ptr, i64, i64], None),
         "fmforge_silu_mul": ([ptr, ptr, i64, i64], None),
         "fmforge_attend_rows": ([ptr, ptr, ptr, i64] + [ptr] * 5 + [i64] * 6 + [i32], None),

@@ -87,37 +87,61 @@ DEFINE_TILE(3)
 DEFINE_TILE(4)
 #endif
 
+/* y[r, 0..count) = x[r] . w[0..count) for all rows of x, in tiles of ROW_TILE rows. */
+static void rows_times_group(const float *x, const float *wg, float *y, int64_t rows, int64_t k,
+                             int64_t count, int64_t y_stride) {
+    int64_t r = 0;
+    for (; r + ROW_TILE <= rows; r += ROW_TILE) {
+#if ROW_TILE > 2
+        tile_4(x + r * k, wg, y + r * y_stride, k, count, y_stride);
+#else
+        tile_2(x + r * k, wg, y + r * y_stride, k, count, y_stride);
+#endif
+    }
+    const float *xr = x + r * k;
+    float *yr = y + r * y_stride;
+    switch (rows - r) {
+        case 1: tile_1(xr, wg, yr, k, count, y_stride); break;
+#if ROW_TILE > 2
+        case 2: tile_2(xr, wg, yr, k, count, y_stride); break;
+        case 3: tile_3(xr, wg, yr, k, count, y_stride); break;
+#endif
+        default: break;
+    }
+}
+
 /* A small-batch GEMM on nn.Linear weights in place: y[r, j] = sum_i x[r, i] * w[j, i] for
- * r < rows, j < n; x (rows, k) and w (n, k) row-major, y rows y_stride apart (so q, k and v land
- * side by side in one buffer). Threads split the weight rows in groups of 4; each group is
- * streamed from memory once and applied to every row of x in tiles of ROW_TILE rows (re-read
- * from the core's cache), so a step of B rows costs one read of the weights, not B. */
+ * r < rows, j < n; x (rows, k) and w (n, k) row-major, y rows y_stride apart. Threads split the
+ * weight rows in groups of 4; each group is streamed from memory once and applied to every row of
+ * x in tiles of ROW_TILE rows (re-read from the core's cache), so a step of B rows costs one read
+ * of the weights, not B. */
 void fmforge_gemm_rows(const float *x, const float *w, float *y, int64_t rows, int64_t k,
                        int64_t n, int64_t y_stride, int threads) {
     const int64_t groups = (n + 3) / 4;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t g = 0; g < groups; g++) {
         const int64_t j = g * 4;
-        const int64_t count = n - j < 4 ? n - j : 4;
-        const float *wg = w + j * k;
-        int64_t r = 0;
-        for (; r + ROW_TILE <= rows; r += ROW_TILE) {
-#if ROW_TILE > 2
-            tile_4(x + r * k, wg, y + r * y_stride + j, k, count, y_stride);
-#else
-            tile_2(x + r * k, wg, y + r * y_stride + j, k, count, y_stride);
-#endif
-        }
-        const float *xr = x + r * k;
-        float *yr = y + r * y_stride + j;
-        switch (rows - r) {
-            case 1: tile_1(xr, wg, yr, k, count, y_stride); break;
-#if ROW_TILE > 2
-            case 2: tile_2(xr, wg, yr, k, count, y_stride); break;
-            case 3: tile_3(xr, wg, yr, k, count, y_stride); break;
-#endif
-            default: break;
-        }
+        rows_times_group(x, w + j * k, y + j, rows, k, n - j < 4 ? n - j : 4, y_stride);
+    }
+}
+
+/* fmforge_gemm_rows for `count` matrices sharing the input x (q, k and v; gate and up): their
+ * outputs land side by side in y, in one parallel region (one thread barrier, not `count`). */
+void fmforge_gemm_group(const float *x, const float *const *ws, const int64_t *ns, int64_t count,
+                        float *y, int64_t rows, int64_t k, int64_t y_stride, int threads) {
+    int64_t first[count + 1], column[count + 1];  // first 4-row group and output column of each
+    first[0] = column[0] = 0;
+    for (int64_t m = 0; m < count; m++) {
+        first[m + 1] = first[m] + (ns[m] + 3) / 4;
+        column[m + 1] = column[m] + ns[m];
+    }
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t g = 0; g < first[count]; g++) {
+        int64_t m = 0;
+        while (g >= first[m + 1]) m++;
+        const int64_t j = (g - first[m]) * 4, n = ns[m];
+        rows_times_group(x, ws[m] + j * k, y + column[m] + j, rows, k, n - j < 4 ? n - j : 4,
+                         y_stride);
     }
 }
 
