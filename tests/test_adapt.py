@@ -234,3 +234,14 @@ def test_example_batches_bucket_by_length_and_cover_each_epoch():
     assert max(spread) < 30  # batches hold similar lengths (random batches span ~80)
     again = ExampleBatches(data, batch_size=4, seed=3)
     assert torch.equal(batches.next_batch()["input_ids"], again.next_batch()["input_ids"])
+
+
+def test_example_batches_split_a_global_batch_across_ranks():
+    data = Encoded([[5] * (1 + i % 7) for i in range(40)], [i % 2 for i in range(40)])
+    one = ExampleBatches(data, batch_size=8, seed=1)
+    ranks = [ExampleBatches(data, batch_size=4, seed=1, rank=r, world_size=2) for r in range(2)]
+    for _ in range(7):  # across an epoch boundary
+        whole = one.next_batch()["labels"].tolist()
+        parts = [b.next_batch()["labels"].tolist() for b in ranks]
+        assert parts[0] + parts[1] == whole
+    assert ranks[0].state_dict() == ranks[1].state_dict() == one.state_dict()

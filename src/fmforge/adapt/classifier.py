@@ -77,10 +77,24 @@ def collate(ids: list[list[int]], labels: list[int], pad_id: int = 0) -> dict[st
 
 
 class ExampleBatches:
-    """Seeded, resumable shuffled epochs over encoded examples (the Trainer's batch source)."""
+    """Seeded, resumable shuffled epochs over encoded examples (the Trainer's batch source).
 
-    def __init__(self, data: Encoded, batch_size: int, seed: int = 0, pad_id: int = 0):
+    Data-parallel: every rank draws the same epoch order and takes its own `batch_size` slice of
+    each global batch of `batch_size * world_size` examples, so the ranks together see what one
+    process with the global batch would, and resume from the same (epoch, position).
+    """
+
+    def __init__(
+        self,
+        data: Encoded,
+        batch_size: int,
+        seed: int = 0,
+        pad_id: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.data, self.batch_size, self.seed, self.pad_id = data, batch_size, seed, pad_id
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.position = 0, 0
         self._order = self._epoch_order()
 
@@ -93,7 +107,7 @@ class ExampleBatches:
         """
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(len(self.data.ids))
-        size = self.batch_size
+        size = self.batch_size * self.world_size  # the global batch: the same order on every rank
         if len(order) <= size:
             return order
         lengths = np.array([len(self.data.ids[i]) for i in order])
@@ -106,8 +120,8 @@ class ExampleBatches:
         return np.concatenate([batches[i] for i in rng.permutation(len(batches))])
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        picked = []
-        while len(picked) < self.batch_size:
+        picked = []  # the global batch; this rank keeps its slice
+        while len(picked) < self.batch_size * self.world_size:
             if self.position >= len(self._order):
                 self.epoch, self.position = self.epoch + 1, 0
                 self._order = self._epoch_order()
@@ -115,6 +129,8 @@ class ExampleBatches:
             self.position += 1
             if len(picked) == len(self.data.ids):
                 break  # fewer examples than a batch: one of each
+        share = picked[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        picked = share or picked
         return collate(
             [self.data.ids[i] for i in picked], [self.data.labels[i] for i in picked], self.pad_id
         )
