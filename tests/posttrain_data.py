@@ -20,16 +20,19 @@ SMOLLM2_TEMPLATE = (
 )
 
 
-def chat_tokenizer(tokenizer_dir) -> Tokenizer:
-    """The session's in-process BPE tokenizer with SmolLM2's chat template attached."""
+def chat_tokenizer(tokenizer_dir, smollm2: bool = True) -> Tokenizer:
+    """The session's in-process BPE tokenizer, with SmolLM2's chat template (and its default
+    system prompt) attached, or with plain ChatML (shorter sequences) when smollm2 is False."""
     tok = Tokenizer.load(tokenizer_dir)
-    tok.chat_template = SMOLLM2_TEMPLATE
+    tok.chat_template = SMOLLM2_TEMPLATE if smollm2 else None
     return tok
 
 
 def tiny_lm(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    return LlamaForCausalLM(preset_config("tiny", vocab_size=vocab_size))
+    return LlamaForCausalLM(
+        preset_config("tiny", vocab_size=vocab_size, max_position_embeddings=1024)
+    )
 
 
 def arithmetic_records(n: int, seed: int = 0) -> list[dict]:

@@ -12,9 +12,9 @@ from fmforge.config import TrainSection
 from fmforge.errors import DataError
 from fmforge.posttrain.preference import (
     LOSSES,
-    PairBatches,
     PreferenceObjective,
     Reference,
+    pair_batches,
     read_preferences,
 )
 from fmforge.posttrain.sequences import chat_template_of, pad_id_of, sequence_logprobs
@@ -36,7 +36,7 @@ def closed_form(name: str, h: float, beta: float, eps: float = 0.0) -> float:
 
 @pytest.fixture
 def pairs(tokenizer_dir, tmp_path):
-    tok = chat_tokenizer(tokenizer_dir)
+    tok = chat_tokenizer(tokenizer_dir, smollm2=False)
     path = tmp_path / "prefs.jsonl"
     write_jsonl(path, arithmetic_records(16))
     return tok, read_preferences(path, tok, chat_template_of(tok))
@@ -49,7 +49,7 @@ def test_step_zero_loss_is_ln2_with_zero_margins(pairs, lora):
     if lora:
         apply_lora(model, r=4)
     objective = PreferenceObjective(Reference(model, lora=lora))
-    batch = PairBatches(encoded, 8, pad_id_of(tok)).next_batch()
+    batch = pair_batches(encoded, 8, pad_id_of(tok)).next_batch()
     with torch.no_grad():
         summed, n = objective(model, batch)
     assert n == 8
@@ -61,7 +61,7 @@ def test_step_zero_loss_is_ln2_with_zero_margins(pairs, lora):
 
 def test_sequence_logprobs_sum_only_response_tokens(pairs):
     tok, encoded = pairs
-    batch = PairBatches(encoded, 4, pad_id_of(tok)).next_batch()
+    batch = pair_batches(encoded, 4, pad_id_of(tok)).next_batch()
 
     class Uniform(torch.nn.Module):
         def forward(self, ids):
@@ -106,7 +106,7 @@ def _train(model, objective, encoded, pad_id, run_dir, steps=4, fail_at=None, re
         max_steps=steps, batch_size=4, warmup_steps=0, eval_every=1, checkpoint_every=2,
         lr=5e-3, log_every=1, weight_decay=0.0,
     )  # fmt: skip
-    batches = PairBatches(encoded, 4, pad_id, seed=3)
+    batches = pair_batches(encoded, 4, pad_id, seed=3)
     if fail_at is not None:
         original, calls = batches.next_batch, [0]
 
@@ -137,7 +137,7 @@ def test_reference_stays_bit_identical_while_the_policy_learns(pairs, lora, tmp_
     frozen = {n: p.detach().clone() for n, p in ref_model.named_parameters() if ".lora_" not in n}
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     objective = PreferenceObjective(reference)
-    trainer = _train(model, objective, encoded, pad_id_of(tok), tmp_path, steps=6)
+    trainer = _train(model, objective, encoded, pad_id_of(tok), tmp_path, steps=4)
     for n, p in ref_model.named_parameters():
         if ".lora_" not in n:
             assert torch.equal(p, frozen[n]), n
@@ -173,7 +173,7 @@ def test_killed_and_resumed_dpo_continues_with_identical_losses(pairs, tmp_path)
 
 
 def test_missing_field_is_a_one_line_error(tokenizer_dir, tmp_path):
-    tok = chat_tokenizer(tokenizer_dir)
+    tok = chat_tokenizer(tokenizer_dir, smollm2=False)
     path = tmp_path / "bad.jsonl"
     records = arithmetic_records(2)
     del records[1]["rejected"]

@@ -41,6 +41,7 @@ from torch import nn
 
 from fmforge.errors import ConfigError, DataError
 from fmforge.posttrain.sequences import (
+    ShuffledBatches,
     encode_conversation,
     encode_text_pair,
     pad_sequences,
@@ -240,32 +241,13 @@ def read_preferences(path: Any, tokenizer: Any, template: Any, max_tokens: int =
     return pairs
 
 
-class PairBatches:
-    """Resumable seeded batches of preference pairs: (2B, T), the chosen rows first."""
+def pair_batches(pairs: list[tuple], batch_size: int, pad_id: int, seed: int = 0) -> Any:
+    """Return resumable seeded batches of preference pairs: (2B, T), the B chosen rows first."""
+    if not pairs:
+        raise DataError("no preference pairs to train on")
 
-    def __init__(self, pairs: list[tuple], batch_size: int, pad_id: int, seed: int = 0):
-        if not pairs:
-            raise DataError("no preference pairs to train on")
-        self.pairs, self.batch_size, self.pad_id, self.seed = pairs, batch_size, pad_id, seed
-        self.epoch, self.position = 0, 0
-        self.seq_len = max(max(len(c[0]), len(r[0])) for c, r in pairs)
+    def make_batch(picked: list[tuple]) -> dict[str, torch.Tensor]:
+        return pad_sequences([c for c, _ in picked] + [r for _, r in picked], pad_id)
 
-    def _order(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(len(self.pairs), generator=g).tolist()
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        order, picked = self._order(), []
-        while len(picked) < self.batch_size:
-            if self.position == len(order):
-                self.epoch, self.position = self.epoch + 1, 0
-                order = self._order()
-            picked.append(self.pairs[order[self.position]])
-            self.position += 1
-        return pad_sequences([c for c, _ in picked] + [r for _, r in picked], self.pad_id)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
+    seq_len = max(max(len(c[0]), len(r[0])) for c, r in pairs)
+    return ShuffledBatches(pairs, batch_size, make_batch, seed, seq_len)

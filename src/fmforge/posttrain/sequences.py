@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -152,3 +153,45 @@ def pad_id_of(tokenizer: Any) -> int:
         if candidate is not None:
             return candidate
     return 0
+
+
+class ShuffledBatches:
+    """Resumable seeded batches: `batch_size` items per batch, reshuffled every epoch.
+
+    make_batch(items) turns the picked items into a batch; the position (epoch, index) is the
+    whole state, so a resumed run picks exactly what an uninterrupted one would.
+    """
+
+    def __init__(
+        self,
+        items: list[Any],
+        batch_size: int,
+        make_batch: Callable[[list[Any]], Any],
+        seed: int = 0,
+        seq_len: int = 0,
+    ):
+        if not items:
+            raise DataError("no training examples")
+        self.items, self.batch_size, self.make_batch = items, batch_size, make_batch
+        self.seed, self.seq_len = seed, seq_len
+        self.epoch, self.position = 0, 0
+
+    def _order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(len(self.items), generator=g).tolist()
+
+    def next_batch(self) -> Any:
+        order, picked = self._order(), []
+        while len(picked) < self.batch_size:
+            if self.position == len(order):
+                self.epoch, self.position = self.epoch + 1, 0
+                order = self._order()
+            picked.append(self.items[order[self.position]])
+            self.position += 1
+        return self.make_batch(picked)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
