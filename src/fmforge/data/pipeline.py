@@ -70,12 +70,7 @@ def _curated_files(item: str) -> list[Path] | None:
 def _write_table(rows: dict[str, list], path: Path, columns: tuple[str, ...]) -> None:
     types = {"bytes": pa.int64(), "tokens": pa.int64()}
     schema = pa.schema([(c, types.get(c, pa.string())) for c in columns])
-    table = pa.table({c: rows[c] for c in columns}, schema=schema)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _write_arrow(pa.table({c: rows[c] for c in columns}, schema=schema), path)
 
 
 def _ingest(inputs: list[str], work: Path, shard_docs: int, max_skip: float) -> dict[str, Any]:
@@ -267,6 +262,7 @@ def run_shard_stages(work: str, index: int, cfg_dict: dict[str, Any]) -> int:
 
 
 def _write_arrow(table: pa.Table, path: Path) -> None:
+    """Write `table` to `path` through a temp file + fsync + rename: complete or absent."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, tmp, compression="zstd")
     with open(tmp, "rb") as f:
