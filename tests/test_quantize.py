@@ -81,15 +81,16 @@ def test_int4_reproduces_q4_1_blocks_exactly():
 @pytest.mark.parametrize("bits,group", [(8, 32), (8, 0), (4, 32)])
 @pytest.mark.parametrize("in_features", [64, 200])  # 200: padded to 224
 def test_kernel_matches_torch_reference(bits, group, in_features):
-    """The kernel's product equals the dequantised weight times the activations rounded as the
-    kernel rounds them, for 1..5 rows and output counts that are not multiples of 4."""
+    """The kernel's product equals the dequantised weight times the activations (int8), or times
+    the activations rounded as the kernel rounds them (int4), for 1..5 rows and output counts that
+    are not multiples of 4."""
     linear = torch.nn.Linear(in_features, 37, bias=False)
     layer = QuantLinear.from_linear(linear, bits, group)
     for rows in (1, 3, 5):
         x = torch.randn(rows, in_features)
         with torch.no_grad():
             got = grouped_matmul([layer], x)
-            want = quantised_activations(x) @ layer.weight.T
+            want = (x if bits == 8 else quantised_activations(x)) @ layer.weight.T
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 

@@ -270,6 +270,46 @@ static void dot4_q4(const int8_t *xr, const float *dr, const int32_t *sr, const 
 }
 #endif
 
+/* One output row of int8 weights times fp32 activations (padded to kp): the reference. */
+static float dot_row_q8_float(const float *xr, const int8_t *wj, const uint16_t *sj, int64_t groups,
+                              int64_t per_scale) {
+    float acc = 0.0f;
+    for (int64_t g = 0; g < groups; g++) {
+        float part = 0.0f;
+        for (int64_t c = g * per_scale * BLOCK; c < (g + 1) * per_scale * BLOCK; c++)
+            part += (float)wj[c] * xr[c];
+        acc += part * half_to_float(sj[g]);
+    }
+    return acc;
+}
+
+#ifdef FMFORGE_AVX2
+/* Four output rows of int8 weights times fp32 activations: each weight is widened to fp32 in
+ * registers (8 at a time) and multiplied with the unrounded activations, so the only rounding is
+ * the weights' own; the scale multiplies once per group. */
+static void dot4_q8_float(const float *xr, const int8_t *w, const uint16_t *s, int64_t kp,
+                          int64_t groups, int64_t per_scale, float *out) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                     _mm256_setzero_ps()};
+    for (int64_t g = 0; g < groups; g++) {
+        __m256 part[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                          _mm256_setzero_ps()};
+        for (int64_t i = g * per_scale * BLOCK; i < (g + 1) * per_scale * BLOCK; i += 8) {
+            const __m256 xv = _mm256_loadu_ps(xr + i);
+            for (int c = 0; c < 4; c++) {
+                const __m128i raw = _mm_loadl_epi64((const __m128i *)(w + c * kp + i));
+                const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+                part[c] = _mm256_fmadd_ps(wv, xv, part[c]);
+            }
+        }
+        for (int c = 0; c < 4; c++)
+            acc[c] = _mm256_fmadd_ps(part[c], _mm256_set1_ps(half_to_float(s[c * groups + g])),
+                                     acc[c]);
+    }
+    for (int c = 0; c < 4; c++) out[c] = hsum(acc[c]);
+}
+#endif
+
 /* The products of up to 3 quantised linears that share their input (q/k/v, gate/up), in one call
  * (mins: int4 only, else NULL):
  * x (rows, k) fp32 is quantised once, then one parallel loop covers every output row of every
@@ -280,12 +320,16 @@ void fmforge_quant_group(const float *x, int64_t rows, int64_t k, int64_t kp, in
                          int64_t per_scale, int count, const void *w0, const uint16_t *s0,
                          const uint16_t *m0, int64_t n0, const void *w1, const uint16_t *s1,
                          const uint16_t *m1, int64_t n1, const void *w2, const uint16_t *s2,
-                         const uint16_t *m2, int64_t n2, float *y, int threads) {
+                         const uint16_t *m2, int64_t n2, float *y, int float_x, int threads) {
     const int64_t blocks = kp / BLOCK, groups = blocks / per_scale;
     int8_t *xq = (int8_t *)malloc((size_t)(rows * kp));
     float *dx = (float *)malloc(sizeof(float) * (size_t)(rows * blocks));
     int32_t *xsum = (int32_t *)malloc(sizeof(int32_t) * (size_t)(rows * blocks));
-    fmforge_quantize_rows(x, rows, k, kp, xq, dx, xsum);
+    float *xf = float_x ? (float *)calloc((size_t)(rows * kp), sizeof(float)) : 0;
+    if (float_x) /* int8 weights times unrounded activations, padded to kp with zeros */
+        for (int64_t r = 0; r < rows; r++) memcpy(xf + r * kp, x + r * k, sizeof(float) * k);
+    else
+        fmforge_quantize_rows(x, rows, k, kp, xq, dx, xsum);
     const void *w[3] = {w0, w1, w2};
     const uint16_t *s[3] = {s0, s1, s2}, *mins[3] = {m0, m1, m2};
     const int64_t n[3] = {n0, count > 1 ? n1 : 0, count > 2 ? n2 : 0};
@@ -309,6 +353,18 @@ void fmforge_quant_group(const float *x, int64_t rows, int64_t k, int64_t kp, in
             const float *dr = dx + r * blocks;
             const int32_t *sr = xsum + r * blocks;
             float *yr = y + r * y_stride + offset + j0;
+            if (float_x) {
+#ifdef FMFORGE_AVX2
+                if (count4 == 4) {
+                    dot4_q8_float(xf + r * kp, (const int8_t *)wm, sm, kp, groups, per_scale, yr);
+                    continue;
+                }
+#endif
+                for (int64_t c = 0; c < count4; c++)
+                    yr[c] = dot_row_q8_float(xf + r * kp, (const int8_t *)wm + c * row_bytes,
+                                             sm + c * groups, groups, per_scale);
+                continue;
+            }
 #ifdef FMFORGE_AVX2
             if (count4 == 4) {
                 if (bits == 8 && per_scale == 1)
@@ -333,4 +389,5 @@ void fmforge_quant_group(const float *x, int64_t rows, int64_t k, int64_t kp, in
     free(xq);
     free(dx);
     free(xsum);
+    free(xf);
 }

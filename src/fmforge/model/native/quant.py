@@ -68,7 +68,7 @@ def library() -> ctypes.CDLL | None:
         "fmforge_quantize_rows": [ptr, i64, i64, i64, ptr, ptr, ptr],
         "fmforge_quant_group": [ptr, i64, i64, i64, i32, i64, i32]
         + [ptr, ptr, ptr, i64] * 3
-        + [ptr, i32],
+        + [ptr, i32, i32],
     }
     try:
         loaded = ctypes.CDLL(str(_build(compiler)))
