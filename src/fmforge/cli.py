@@ -26,6 +26,7 @@ from fmforge.commands import (  # noqa: F401
     encoder,
     generation,
     pipeline,
+    posttrain,
     quantize,
     serve,
 )
@@ -35,8 +36,8 @@ from fmforge.errors import UserError
 # Top-level commands in lifecycle order for --help.
 HELP_ORDER = ["quickstart", "tokenizer", "data", "pretrain", "generate", "chat", "fill", "embed",
               "search", "quantize", "export",
-              "adapt", "eval", "experiment", "serve", "feedback", "cost", "scaling", "models",
-              "env"]  # fmt: skip
+              "adapt", "posttrain", "eval", "experiment", "serve", "feedback", "cost", "scaling",
+              "models", "env"]  # fmt: skip
 
 
 def build_parser() -> ArgumentParser:

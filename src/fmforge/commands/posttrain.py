@@ -1,0 +1,61 @@
+"""Post-training commands: fmforge posttrain sft|reward|dpo."""
+
+from __future__ import annotations
+
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+from fmforge.commands import GROUPS, command, new_parser, print_json
+
+GROUPS["posttrain"] = "Post-training: SFT on chats, a reward model, DPO (docs/posttrain.md)."
+
+_DESCRIPTIONS = {
+    "sft": "Instruction-tune on chat JSONL (messages or prompt/completion): assistant tokens only.",
+    "reward": "Train a Bradley-Terry reward model on preference pairs (an HF sequence classifier).",
+    "dpo": "Direct preference optimisation (sigmoid, cdpo, robust, hinge, ipo) on preferences.",
+}
+_DATA_HELP = {
+    "sft": "JSONL with `messages` (fmforge feedback export --format sft) or prompt/completion",
+    "reward": "JSONL with prompt, chosen, rejected (fmforge feedback export --format dpo)",
+    "dpo": "JSONL with prompt, chosen, rejected (fmforge feedback export --format dpo)",
+}
+
+
+def _parser(recipe: str):
+    def build() -> ArgumentParser:
+        from fmforge.posttrain.options import PosttrainOptions
+
+        p = new_parser(_DESCRIPTIONS[recipe])
+        p.add_argument("--config", action=ActionConfigFile, help="a YAML file of the options")
+        p.add_argument("--base", required=True, help="a model dir or built-in name to start from")
+        p.add_argument("--data", required=True, help=_DATA_HELP[recipe])
+        p.add_argument("--out", required=True, help="run directory (final/ holds the model)")
+        p.add_argument("--lora", action="store_true", help="train LoRA adapters (PEFT layout)")
+        p.add_class_arguments(PosttrainOptions, None, as_group=False, skip={"lora"})
+        p.add_argument(
+            "--resume", default="never", help="auto: continue from the newest checkpoint"
+        )
+        p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+        return p
+
+    return build
+
+
+def _run(recipe: str):
+    def handler(args: Namespace) -> None:
+        import dataclasses
+
+        from fmforge.posttrain.options import PosttrainOptions
+        from fmforge.posttrain.run import posttrain
+
+        names = [f.name for f in dataclasses.fields(PosttrainOptions) if f.name != "lora"]
+        options = PosttrainOptions(lora=args.lora, **{n: getattr(args, n) for n in names})
+        summary = posttrain(
+            recipe, args.base, args.data, args.out, options, args.resume, args.overwrite
+        )
+        print_json(summary)
+
+    return handler
+
+
+for _recipe in ("sft", "reward", "dpo"):
+    command(f"posttrain {_recipe}", _parser(_recipe))(_run(_recipe))

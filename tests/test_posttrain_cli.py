@@ -1,0 +1,135 @@
+"""`fmforge posttrain`: sft, reward and dpo end to end on a tiny base; resume; bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from fmforge.cli import main
+from fmforge.model.load import load_model_dir, save_model_dir
+from fmforge.tokenizer import Tokenizer
+from posttrain_data import arithmetic_records, tiny_lm, write_jsonl
+
+FAST = ["--max_steps", "4", "--batch_size", "2", "--checkpoint_every", "2", "--log_every", "1"]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tokenizer_dir, tmp_path_factory):
+    """A tiny decoder with fmforge's own tokenizer (ChatML tokens, no Jinja template)."""
+    tok = Tokenizer.load(tokenizer_dir)
+    out = tmp_path_factory.mktemp("base") / "model"
+    save_model_dir(tiny_lm(tok.vocab_size), tok, out)
+    return out
+
+
+def cli(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_line_error(code, err, needle):
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line.startswith("fmforge: error")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert needle in lines[0], lines[0]
+
+
+def test_sft_writes_a_model_dir_that_loads(base_dir, tmp_path, capsys):
+    data = tmp_path / "sft.jsonl"
+    records = [
+        {"messages": r["prompt"] + r["chosen"]} for r in arithmetic_records(6)
+    ]  # the layout of `fmforge feedback export --format sft`
+    write_jsonl(data, records)
+    code, out, err = cli(
+        capsys, "posttrain", "sft", "--base", base_dir, "--data", data, "--out", tmp_path / "r",
+        "--seq_len", "128", *FAST,
+    )  # fmt: skip
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["steps"] == 4 and summary["examples"] == 6
+    bundle = load_model_dir(tmp_path / "r")
+    assert bundle.tokenizer is not None
+    assert (tmp_path / "r" / "report.md").is_file()
+
+
+def test_dpo_with_lora_resumes_with_identical_losses(base_dir, tmp_path, capsys):
+    data = tmp_path / "prefs.jsonl"
+    write_jsonl(data, arithmetic_records(12))
+    run = tmp_path / "dpo"
+    args = ["posttrain", "dpo", "--base", base_dir, "--data", data, "--out", run, "--lora"]
+    code, out, err = cli(capsys, *args, *FAST)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["pairs"] == 11 and summary["heldout_pairs"] == 1
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    first = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert first[0]["loss"] == pytest.approx(0.6931472, abs=1e-6)  # policy == reference
+    # A run killed after step 2: its newest checkpoint and outputs are gone.
+    shutil.rmtree(run / "checkpoints" / "step-4")
+    shutil.rmtree(run / "final")
+    code, out, err = cli(capsys, *args, *FAST, "--resume", "auto")
+    assert code == 0, err
+    assert "resumed from" in err
+    again = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in again] == [r["loss"] for r in first]
+    assert load_model_dir(run).tokenizer is not None
+
+
+def test_reward_writes_a_sequence_classifier(base_dir, tmp_path, capsys):
+    data = tmp_path / "prefs.jsonl"
+    write_jsonl(data, arithmetic_records(4))
+    code, out, err = cli(
+        capsys, "posttrain", "reward", "--base", base_dir, "--data", data, "--out",
+        tmp_path / "rm", *FAST,
+    )  # fmt: skip
+    assert code == 0, err
+    config = json.loads((tmp_path / "rm" / "final" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"]
+    assert list(config["id2label"]) == ["0"]
+
+
+def test_missing_field_in_a_preference_file(base_dir, tmp_path, capsys):
+    data = tmp_path / "prefs.jsonl"
+    records = arithmetic_records(3)
+    del records[2]["chosen"]
+    write_jsonl(data, records)
+    code, _, err = cli(
+        capsys, "posttrain", "dpo", "--base", base_dir, "--data", data, "--out", tmp_path / "o"
+    )
+    one_line_error(code, err, "prefs.jsonl:3: missing field 'chosen'")
+
+
+def test_empty_assistant_turn(base_dir, tmp_path, capsys):
+    data = tmp_path / "sft.jsonl"
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]
+    write_jsonl(data, [{"messages": chat}])
+    code, _, err = cli(
+        capsys, "posttrain", "sft", "--base", base_dir, "--data", data, "--out", tmp_path / "o"
+    )
+    one_line_error(code, err, "sft.jsonl:1: messages[1] is an empty assistant turn")
+
+
+def test_base_without_a_chat_template(tmp_path, capsys):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=270, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )  # fmt: skip
+    hf.train_from_iterator(["plain text without chat tokens"] * 10, trainer=trainer)
+    tok = Tokenizer(hf)
+    base = tmp_path / "plain"
+    save_model_dir(tiny_lm(tok.vocab_size), tok, base)
+    data = tmp_path / "sft.jsonl"
+    write_jsonl(data, [{"messages": arithmetic_records(1)[0]["prompt"]}])
+    code, _, err = cli(
+        capsys, "posttrain", "sft", "--base", base, "--data", data, "--out", tmp_path / "o"
+    )
+    one_line_error(code, err, "no <|im_start|> / <|im_end|> tokens")
