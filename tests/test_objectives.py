@@ -73,13 +73,49 @@ def _dpo_case():
     return model, batch, PreferenceObjective(Reference(model, lora=False))
 
 
-CASES = {"causal_lm": _causal_case, "classification": _classification_case, "dpo": _dpo_case}
+def _sft_case():
+    from fmforge.posttrain.sft import collate, pack, sft_loss
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(preset_config("tiny"))
+    g = torch.Generator().manual_seed(4)
+    examples = []
+    for n, start in ((10, 4), (7, 5), (12, 3), (6, 2)):  # assistant targets from `start` on
+        ids = torch.randint(1, 512, (n,), generator=g).tolist()
+        examples.append((ids, [-100] * start + ids[start:]))
+    batch = collate(pack(examples, seq_len=20), pad_id=0)  # 2 rows of 2 packed examples
+    return model, batch, sft_loss
+
+
+def _reward_case():
+    from fmforge.posttrain.reward import RewardModel, RewardObjective, collate_pairs
+
+    torch.manual_seed(0)
+    model = RewardModel(LlamaForCausalLM(preset_config("tiny")))
+    g = torch.Generator().manual_seed(5)
+    pairs = []
+    for n, m in ((9, 6), (5, 11)):  # chosen and rejected lengths
+        chosen = torch.randint(1, 512, (n,), generator=g).tolist()
+        rejected = torch.randint(1, 512, (m,), generator=g).tolist()
+        pairs.append((chosen, rejected, 0.0))
+    return model, collate_pairs(pairs, pad_id=0), RewardObjective()
+
+
+CASES = {
+    "causal_lm": _causal_case,
+    "classification": _classification_case,
+    "dpo": _dpo_case,
+    "sft": _sft_case,
+    "reward": _reward_case,
+}
 
 # objective -> (loss before the first step, loss after it), nats per scored target.
 GOLDEN = {
     "causal_lm": (6.2407684, 5.6228547),
     "classification": (1.0651900, 0.5224066),
     "dpo": (0.6931472, 0.3773170),  # ln 2 before: the policy is its own reference
+    "sft": (6.2026549, 5.3835071),  # 2 rows of 2 packed examples, assistant targets only
+    "reward": (0.6931472, 0.4677106),  # ln 2 before: the head starts at zero
 }
 
 
