@@ -94,3 +94,85 @@ def test_gae_equals_its_closed_form():
             sum(gamma ** (k - t) * rewards[k] for k in range(t, 4)) + gamma ** (4 - t) * values[4]
         )
         assert returns[t].item() == pytest.approx(float(want), abs=1e-5)
+
+
+# --- rollouts through the engine and the Trainer ---------------------------------------------
+
+
+def _grpo_run(tokenizer_dir, run_dir, reward_fn, steps=4, fail_at=None, resume=False):
+    from fmforge.config import TrainSection
+    from fmforge.posttrain.preference import Reference
+    from fmforge.posttrain.rl import GRPORollouts
+    from fmforge.posttrain.sequences import chat_template_of, pad_id_of
+    from fmforge.train.trainer import Trainer
+    from posttrain_data import arithmetic_records, chat_tokenizer, tiny_lm
+
+    tok = chat_tokenizer(tokenizer_dir, smollm2=False)
+    template = chat_template_of(tok)
+    records = arithmetic_records(6)
+    prompts = [template.render(tok, r["prompt"]) for r in records]
+    model = tiny_lm(tok.vocab_size)
+    rollouts = GRPORollouts(
+        model, tok, prompts, records, reward_fn, group_size=4, prompts_per_step=2,
+        max_new_tokens=6, stop_ids=tuple(template.stop_ids(tok)), pad_id=pad_id_of(tok),
+        reference=Reference(model, lora=False), seed=1,
+    )  # fmt: skip
+    if fail_at is not None:
+        original, calls = rollouts.next_batch, [0]
+
+        def next_batch():
+            calls[0] += 1
+            if calls[0] == fail_at:
+                raise RuntimeError("killed")
+            return original()
+
+        rollouts.next_batch = next_batch
+    objective = GRPOObjective(kl_coef=0.05)
+    cfg = TrainSection(
+        max_steps=steps, batch_size=8, warmup_steps=0, eval_every=1, checkpoint_every=2,
+        lr=1e-2, log_every=1, weight_decay=0.0,
+    )  # fmt: skip
+    trainer = Trainer(
+        model, cfg, run_dir, rollouts, objective, progress=False,
+        eval_fn=lambda m: {**objective.pop_metrics(), **rollouts.pop_metrics()},
+    )  # fmt: skip
+    trainer.fit(resume=resume)
+    return trainer
+
+
+def _length_reward(text, record):
+    return float(len(text))  # varies across a group, so the advantages are not all zero
+
+
+def test_grpo_killed_and_resumed_continues_with_identical_losses(tokenizer_dir, tmp_path):
+    whole = _grpo_run(tokenizer_dir, tmp_path / "a", _length_reward)
+    assert all(r["zero_variance_groups"] < 1 for r in whole.history)
+    assert whole.history[0]["kl"] == 0.0  # the policy starts at the reference
+    assert whole.history[-1]["kl"] > 0.0
+    with pytest.raises(RuntimeError, match="killed"):
+        _grpo_run(tokenizer_dir, tmp_path / "b", _length_reward, fail_at=3)
+    resumed = _grpo_run(tokenizer_dir, tmp_path / "b", _length_reward, resume=True)
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in whole.history[2:]]
+    assert [r["reward"] for r in resumed.history] == [r["reward"] for r in whole.history[2:]]
+
+
+def test_reward_functions_that_raise_or_return_nan_count_as_zero(tokenizer_dir, tmp_path):
+    def flaky(text, record):
+        if len(text) % 3 == 0:
+            raise ValueError("bad completion")
+        return float("nan") if len(text) % 3 == 1 else 1.0
+
+    trainer = _grpo_run(tokenizer_dir, tmp_path, flaky, steps=2)
+    errors = sum(r["reward_errors"] for r in trainer.history)
+    assert errors > 0
+    assert all(0.0 <= r["reward"] <= 1.0 for r in trainer.history)
+
+
+def test_builtin_rewards():
+    from fmforge.posttrain.rl import compiles, contains_answer, exact_answer
+
+    record = {"prompt": "def f(x):\n", "answer": 12}
+    assert exact_answer(" 12\n", record) == 1.0 and exact_answer("12.5", record) == 0.0
+    assert contains_answer("the answer is 12.", record) == 1.0
+    assert contains_answer("112", record) == 0.0
+    assert compiles("    return x\n", record) == 1.0 and compiles("    return (\n", record) == 0.0

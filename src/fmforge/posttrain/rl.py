@@ -126,3 +126,175 @@ def gae(
         running = deltas[..., t] + gamma * lam * running
         advantages[..., t] = running
     return advantages, advantages + values[..., :-1]
+
+
+# --- GRPO rollouts: the batch source ------------------------------------------------------------
+
+
+def exact_answer(completion: str, record: dict[str, Any]) -> float:
+    """Strict reward: 1 when the completion, stripped, is exactly the record's `answer`."""
+    return float(completion.strip() == str(record["answer"]).strip())
+
+
+def contains_answer(completion: str, record: dict[str, Any]) -> float:
+    """Lenient reward: 1 when the record's `answer` appears in the completion as a whole word."""
+    import re
+
+    answer = re.escape(str(record["answer"]).strip())
+    return float(re.search(rf"(?<![\w.]){answer}(?![\w])", completion) is not None)
+
+
+def compiles(completion: str, record: dict[str, Any]) -> float:
+    """Code reward: 1 when the prompt's code plus the completion compiles as Python."""
+    prefix = record.get("prompt") if isinstance(record.get("prompt"), str) else ""
+    try:
+        compile(prefix + completion, "<completion>", "exec")
+    except (SyntaxError, ValueError):
+        return 0.0
+    return 1.0
+
+
+REWARD_FUNCTIONS = {"exact": exact_answer, "lenient": contains_answer, "compiles": compiles}
+
+
+def reward_function(name: str) -> Any:
+    """Return a built-in reward function by name, or `module:function` imported from the path."""
+    from fmforge.errors import ConfigError
+
+    if name in REWARD_FUNCTIONS:
+        return REWARD_FUNCTIONS[name]
+    module_name, _, fn_name = name.partition(":")
+    if not fn_name:
+        raise ConfigError(
+            f"--reward {name!r} is neither a built-in ({', '.join(REWARD_FUNCTIONS)}) "
+            "nor module:function"
+        )
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"--reward {name!r} cannot be imported ({e})") from e
+
+
+class GRPORollouts:
+    """A resumable batch source that samples GRPO rollouts from the current policy.
+
+    Each batch takes `prompts_per_step` prompts (seeded order, reshuffled every epoch), samples
+    `group_size` completions of each with the generation engine (`generate_tokens`, batched; the
+    seed of a batch depends only on the run seed and its index, so a resumed run samples exactly
+    what an uninterrupted one would), scores them with `reward_fn(completion_text, record)`, and
+    returns the token batch with group advantages, the rollout policy's log-probs (old_logps) and
+    the reference's (ref_logps, when a reference is given). A reward function that raises or
+    returns a non-finite value gives 0 for that completion and is counted (`reward_errors`).
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        tokenizer: Any,
+        prompts: list[list[int]],
+        records: list[dict[str, Any]],
+        reward_fn: Any,
+        group_size: int = 4,
+        prompts_per_step: int = 2,
+        max_new_tokens: int = 32,
+        temperature: float = 1.0,
+        stop_ids: tuple[int, ...] = (),
+        pad_id: int = 0,
+        reference: Any = None,
+        seed: int = 0,
+    ):
+        from fmforge.posttrain.sequences import ShuffledBatches
+
+        self.policy, self.tokenizer, self.records = policy, tokenizer, records
+        self.reward_fn, self.group_size, self.max_new_tokens = reward_fn, group_size, max_new_tokens
+        self.temperature, self.stop_ids, self.pad_id = temperature, tuple(stop_ids), pad_id
+        self.reference, self.seed = reference, seed
+        self.order = ShuffledBatches(list(range(len(prompts))), prompts_per_step, list, seed)
+        self.prompts = prompts
+        self.calls = 0
+        self.seq_len = max(len(p) for p in prompts) + max_new_tokens
+        self._stats = torch.zeros(5, dtype=torch.float64)  # reward sum, n, flat, groups, errors
+        self.samples: list[dict[str, Any]] = []
+
+    def _reward(self, text: str, record: dict[str, Any]) -> tuple[float, bool]:
+        try:
+            value = float(self.reward_fn(text, record))
+        except Exception:  # a user's reward function: any failure is counted, never fatal
+            return 0.0, True
+        if not torch.isfinite(torch.tensor(value)):
+            return 0.0, True
+        return value, False
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        from fmforge.generate.engine import generate_tokens
+        from fmforge.generate.sampling import SamplingParams
+        from fmforge.posttrain.sequences import pad_sequences
+
+        picked = self.order.next_batch()  # prompt indices
+        self.calls += 1
+        prompts = [self.prompts[i] for i in picked for _ in range(self.group_size)]
+        generations = generate_tokens(
+            self.policy,
+            prompts,
+            self.max_new_tokens,
+            SamplingParams(temperature=self.temperature),
+            self.stop_ids,
+            seed=self.seed * 1_000_003 + self.calls * 10_007,
+        )
+        rows, rewards, errors = [], [], 0
+        for k, (prompt, gen) in enumerate(zip(prompts, generations)):
+            record = self.records[picked[k // self.group_size]]
+            value, failed = self._reward(self.tokenizer.decode(gen.tokens), record)
+            rewards.append(value)
+            errors += failed
+            completion = gen.tokens + (
+                list(self.stop_ids[:1]) if gen.finish_reason == "stop" else []
+            )
+            if not completion:  # nothing sampled: score the end token so the row has a target
+                completion = list(self.stop_ids[:1]) or [self.pad_id]
+            rows.append((prompt + completion, [IGNORE_INDEX] * len(prompt) + completion))
+        batch = pad_sequences(rows, self.pad_id)
+        grouped = torch.tensor(rewards).view(len(picked), self.group_size)  # (G, n)
+        advantages, flat = group_advantages(grouped)
+        batch["advantages"] = advantages.flatten()
+        with torch.no_grad():
+            batch["old_logps"] = token_logprobs(
+                self.policy(batch["input_ids"]), batch["target_ids"]
+            )
+            if self.reference is not None:
+                batch["ref_logps"] = _reference_token_logprobs(self.reference, self.policy, batch)
+        self._stats += torch.tensor(
+            [sum(rewards), len(rewards), flat, len(picked), errors], dtype=torch.float64
+        )
+        first = generations[0].tokens
+        self.samples = [{"reward": rewards[0], "completion": self.tokenizer.decode(first)}]
+        return batch
+
+    def pop_metrics(self) -> dict[str, float]:
+        """Return mean reward, the share of zero-variance groups and reward errors since the last
+        call."""
+        total, n, flat, groups, errors = self._stats.tolist()
+        self._stats.zero_()
+        if n == 0:
+            return {}
+        return {"reward": total / n, "zero_variance_groups": flat / groups, "reward_errors": errors}
+
+    def state_dict(self) -> dict[str, int]:
+        return {"calls": self.calls, **self.order.state_dict()}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.calls = state["calls"]
+        self.order.load_state_dict({"epoch": state["epoch"], "position": state["position"]})
+
+
+def _reference_token_logprobs(reference: Any, policy: nn.Module, batch: dict) -> torch.Tensor:
+    # Per-token log-probs of the reference (posttrain/preference.py's Reference: a frozen copy,
+    # or the policy with its adapters switched off).
+    from fmforge.posttrain.preference import adapters_disabled
+
+    if reference.copy is not None:
+        return token_logprobs(reference.copy(batch["input_ids"]), batch["target_ids"])
+    with adapters_disabled(policy):
+        return token_logprobs(policy(batch["input_ids"]), batch["target_ids"])
