@@ -133,3 +133,29 @@ def test_base_without_a_chat_template(tmp_path, capsys):
         capsys, "posttrain", "sft", "--base", base, "--data", data, "--out", tmp_path / "o"
     )
     one_line_error(code, err, "no <|im_start|> / <|im_end|> tokens")
+
+
+def test_grpo_with_a_compile_reward(base_dir, tmp_path, capsys):
+    data = tmp_path / "code.jsonl"
+    write_jsonl(data, [{"prompt": f"def f_{i}(x):\n    return"} for i in range(4)])
+    code, out, err = cli(
+        capsys, "posttrain", "grpo", "--base", base_dir, "--data", data, "--out", tmp_path / "g",
+        "--reward", "compiles", "--group_size", "3", "--max_new_tokens", "4", *FAST,
+    )  # fmt: skip
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["steps"] == 4 and summary["prompts"] == 4
+    assert summary["sample_outputs"]
+    records = [json.loads(line) for line in (tmp_path / "g" / "metrics.jsonl").open()]
+    assert {"reward", "kl", "zero_variance_groups", "reward_errors"} <= set(records[-1])
+    assert records[0]["kl"] == 0.0
+
+
+def test_grpo_unknown_reward(base_dir, tmp_path, capsys):
+    data = tmp_path / "code.jsonl"
+    write_jsonl(data, [{"prompt": "def f(x):"}])
+    code, _, err = cli(
+        capsys, "posttrain", "grpo", "--base", base_dir, "--data", data, "--out", tmp_path / "g",
+        "--reward", "no_such_reward",
+    )  # fmt: skip
+    one_line_error(code, err, "--reward 'no_such_reward'")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-RECIPES = ("sft", "reward", "dpo")
+RECIPES = ("sft", "reward", "dpo", "grpo")
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # Peak learning rates when --lr is not given: (full fine-tuning, LoRA). Full-model rates follow
@@ -14,6 +14,7 @@ DEFAULT_LR = {
     "sft": (5e-5, 1e-3),
     "reward": (5e-5, 1e-3),
     "dpo": (5e-6, 5e-4),
+    "grpo": (5e-6, 5e-4),
 }
 
 
@@ -22,7 +23,7 @@ class PosttrainOptions:
     """Budget and hyperparameters of a post-training run."""
 
     max_steps: int = 100  # optimizer steps
-    batch_size: int = 8  # sft: packed rows; reward/dpo: pairs per micro-batch
+    batch_size: int = 8  # sft: packed rows; reward/dpo: pairs; grpo: prompts per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float | None = None  # None: the recipe's default (DEFAULT_LR)
     warmup_steps: int = 10  # linear warmup steps
@@ -35,6 +36,12 @@ class PosttrainOptions:
     loss: str = "sigmoid"  # dpo: sigmoid, cdpo, robust, hinge, ipo (docs/posttrain.md)
     label_smoothing: float = 0.0  # dpo cdpo/robust: assumed label-flip rate eps
     centring: float = 0.0  # reward: coefficient of (r_c + r_r)^2
+    reward: str = "exact"  # grpo: exact, lenient, compiles, or module:function(text, record)
+    group_size: int = 4  # grpo: completions sampled per prompt
+    max_new_tokens: int = 32  # grpo: completion budget
+    temperature: float = 1.0  # grpo: sampling temperature of the rollouts
+    kl_coef: float = 0.04  # grpo: weight of the k3 KL to the reference; 0 drops the reference
+    clip_eps: float = 0.2  # grpo: ratio clipping
     heldout_fraction: float = 0.1  # reward/dpo: pairs kept out for accuracy
     checkpoint_every: int = 50  # steps between checkpoints (and the last)
     log_every: int = 10  # steps between metrics.jsonl records

@@ -269,7 +269,12 @@ class GRPORollouts:
             [sum(rewards), len(rewards), flat, len(picked), errors], dtype=torch.float64
         )
         first = generations[0].tokens
-        self.samples = [{"reward": rewards[0], "completion": self.tokenizer.decode(first)}]
+        sample = {
+            "batch": self.calls,
+            "reward": rewards[0],
+            "completion": self.tokenizer.decode(first),
+        }
+        self.samples = [*self.samples[-4:], sample]  # the last five, for the report
         return batch
 
     def pop_metrics(self) -> dict[str, float]:

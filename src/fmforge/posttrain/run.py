@@ -85,6 +85,8 @@ def posttrain(
         objective = PreferenceObjective(
             Reference(model, lora=opts.lora), opts.beta, opts.loss, opts.label_smoothing
         )
+    if recipe == "grpo":
+        batches, objective = _grpo(model, tokenizer, template, pad_id, data, opts)
     lr = opts.lr if opts.lr is not None else DEFAULT_LR[recipe][int(opts.lora)]
     cfg = TrainSection(
         max_steps=opts.max_steps,
@@ -116,6 +118,9 @@ def posttrain(
     )
     summary = {"recipe": recipe, "base": str(base), "lr": lr, **counts}
     summary.update(trainer.fit(resume=resuming))
+    if recipe == "grpo":
+        summary["prompts"] = len(batches.prompts)
+        summary["sample_outputs"] = batches.samples
     wrapped.eval()
     summary.update(_heldout_metrics(recipe, wrapped, objective, heldout, pad_id))
     summary["final"] = str(_save(recipe, wrapped, model, tokenizer, run_dir, opts, bundle))
@@ -153,6 +158,8 @@ def _recipe(recipe, model, tokenizer, template, pad_id, data, opts):
         batches = reward_batches(train, opts.batch_size, pad_id, opts.seed)
         counts = {"pairs": len(train), "heldout_pairs": len(heldout)}
         return batches, RewardObjective(opts.centring), heldout, counts, RewardModel(model)
+    if recipe == "grpo":
+        return None, None, [], {}, model  # built after LoRA (the reference needs it): _grpo
     from fmforge.posttrain.preference import pair_batches, read_preferences
 
     pairs = read_preferences(data, tokenizer, template, opts.seq_len)
@@ -160,6 +167,53 @@ def _recipe(recipe, model, tokenizer, template, pad_id, data, opts):
     batches = pair_batches(train, opts.batch_size, pad_id, opts.seed)
     counts = {"pairs": len(train), "heldout_pairs": len(heldout)}
     return batches, None, heldout, counts, model
+
+
+class _GRPOObjective:
+    """GRPO's objective with the rollouts' metrics (reward, zero-variance groups) in its log."""
+
+    def __init__(self, objective: Any, rollouts: Any):
+        self.objective, self.rollouts = objective, rollouts
+
+    def __call__(self, model: Any, batch: Any) -> Any:
+        return self.objective(model, batch)
+
+    def pop_metrics(self) -> dict[str, float]:
+        return {**self.objective.pop_metrics(), **self.rollouts.pop_metrics()}
+
+
+def _grpo(model, tokenizer, template, pad_id, data, opts):
+    """Return (rollouts, objective) of a GRPO run: prompts from JSONL, rewards from a function."""
+    from fmforge.errors import DataError, UserError
+    from fmforge.posttrain.preference import Reference
+    from fmforge.posttrain.rl import GRPOObjective, GRPORollouts, reward_function
+    from fmforge.posttrain.sequences import read_jsonl
+
+    reward_fn = reward_function(opts.reward)
+    records = read_jsonl(data, required=("prompt",))
+    prompts = []
+    for number, record in enumerate(records, 1):
+        prompt = record["prompt"]
+        if isinstance(prompt, str):  # a plain completion prompt, ended by EOS
+            ids, stop = tokenizer.encode(prompt), [tokenizer.eos_id]
+        elif isinstance(prompt, list) and prompt:
+            try:
+                ids = template.render(tokenizer, prompt)
+            except UserError as e:
+                raise DataError(f"{data}:{number}: {e}") from e
+            stop = template.stop_ids(tokenizer)
+        else:
+            raise DataError(f"{data}:{number}: prompt must be a string or a list of messages")
+        if not ids:
+            raise DataError(f"{data}:{number}: the prompt is empty")
+        prompts.append(ids)
+    reference = Reference(model, lora=opts.lora) if opts.kl_coef else None
+    rollouts = GRPORollouts(
+        model, tokenizer, prompts, records, reward_fn, opts.group_size, opts.batch_size,
+        opts.max_new_tokens, opts.temperature, tuple(s for s in stop if s is not None), pad_id,
+        reference, opts.seed,
+    )  # fmt: skip
+    return rollouts, _GRPOObjective(GRPOObjective(opts.clip_eps, opts.kl_coef), rollouts)
 
 
 def _heldout_metrics(recipe, model, objective, heldout, pad_id) -> dict[str, float]:
