@@ -159,3 +159,45 @@ def test_grpo_unknown_reward(base_dir, tmp_path, capsys):
         "--reward", "no_such_reward",
     )  # fmt: skip
     one_line_error(code, err, "--reward 'no_such_reward'")
+
+
+@pytest.mark.slow
+def test_dpo_killed_with_sigkill_resumes_with_identical_losses(base_dir, tmp_path):
+    """A real SIGKILL of the command, then --resume auto: the losses equal an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "prefs.jsonl"
+    write_jsonl(data, arithmetic_records(12))
+    steps = ["--max_steps", "8", "--batch_size", "2", "--checkpoint_every", "2", "--log_every", "1"]
+
+    def command(out):
+        return [
+            sys.executable, "-m", "fmforge.cli", "posttrain", "dpo", "--base", str(base_dir),
+            "--data", str(data), "--out", str(out), *steps,
+        ]  # fmt: skip
+
+    subprocess.run(command(tmp_path / "whole"), check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 300
+    while not (killed / "checkpoints" / "step-4").is_dir() and time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        time.sleep(0.05)
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "final").exists(), "the run finished before it could be killed"
+    subprocess.run([*command(killed), "--resume", "auto"], check=True, capture_output=True)
+
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").open()]
+
+    assert losses(killed) == losses(tmp_path / "whole")
+    assert len(losses(killed)) == 8
