@@ -41,7 +41,7 @@ HELDOUT_DOCUMENTS = 300
 DUPLICATED = 10  # documents copied 10-100x into the raw corpus
 PROMPT_TOKENS = 32
 CONTINUATION_TOKENS = 16
-PROMPT_OFFSETS = (0, 48, 96)  # prefixes per duplicated document
+PROMPT_STRIDE = 16  # a prefix starts every this many tokens of each duplicated document
 TRAIN = dict(batch_size=16, seq_len=128, lr=3e-3, warmup_steps=20, log_every=25)
 
 
@@ -166,11 +166,10 @@ def memorisation(model, tokenizer, texts: list[str]) -> dict[str, Any]:
     prompts, targets = [], []
     for text in texts:
         ids = tokenizer.encode(text)
-        for offset in PROMPT_OFFSETS:
+        for offset in range(0, len(ids) - PROMPT_TOKENS - CONTINUATION_TOKENS + 1, PROMPT_STRIDE):
             end = offset + PROMPT_TOKENS + CONTINUATION_TOKENS
-            if len(ids) >= end:
-                prompts.append(ids[offset : offset + PROMPT_TOKENS])
-                targets.append(ids[offset + PROMPT_TOKENS : end])
+            prompts.append(ids[offset : offset + PROMPT_TOKENS])
+            targets.append(ids[offset + PROMPT_TOKENS : end])
     if not prompts:
         raise UserError("no document is long enough for a memorisation prompt")
     outputs = generate_tokens(model, prompts, CONTINUATION_TOKENS, SamplingParams(temperature=0))
