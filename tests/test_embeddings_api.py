@@ -115,6 +115,7 @@ def test_search_endpoint_returns_the_matching_chunk(server):
     assert script.status_code == 200 and "/v1/search" in script.text
 
 
+@pytest.mark.slow  # a server subprocess: ~15 s of start-up imports
 def test_serve_command_wires_embeddings_beside_the_decoder(serve_model_dir, encoder_dir):  # noqa: F811
     import httpx
 

