@@ -201,3 +201,17 @@ def test_dpo_killed_with_sigkill_resumes_with_identical_losses(base_dir, tmp_pat
 
     assert losses(killed) == losses(tmp_path / "whole")
     assert len(losses(killed)) == 8
+
+
+def test_dpo_with_precomputed_reference(base_dir, tmp_path, capsys):
+    data = tmp_path / "prefs.jsonl"
+    write_jsonl(data, arithmetic_records(4))
+    run = tmp_path / "dpo"
+    code, out, err = cli(
+        capsys, "posttrain", "dpo", "--base", base_dir, "--data", data, "--out", run,
+        "--precompute_reference", "true", "--max_steps", "2", "--batch_size", "2",
+        "--checkpoint_every", "0", "--log_every", "1",
+    )  # fmt: skip
+    assert code == 0, err
+    first = json.loads((run / "metrics.jsonl").open().readline())
+    assert first["loss"] == pytest.approx(0.6931472, abs=1e-6)

@@ -181,3 +181,24 @@ def test_missing_field_is_a_one_line_error(tokenizer_dir, tmp_path):
     with pytest.raises(DataError, match=r"bad.jsonl:2: missing field 'rejected'") as e:
         read_preferences(path, tok, chat_template_of(tok))
     assert "\n" not in str(e.value)
+
+
+def test_precomputed_reference_logprobs_replace_the_reference_pass(pairs, tmp_path):
+    tok, encoded = pairs
+    pad = pad_id_of(tok)
+    model = tiny_lm(tok.vocab_size)
+    reference = Reference(model, lora=False)
+    cache = reference.precompute(model, encoded, pad, batch_size=5)
+    assert len(cache) == 2 * len(encoded)
+    batch = pair_batches(encoded, 8, pad, reference_cache=cache).next_batch()
+    live = reference.logprobs(model, batch)
+    assert torch.allclose(batch["ref_logps"], live, atol=1e-5)
+
+    class Unused(Reference):
+        def logprobs(self, policy, batch):
+            raise AssertionError("the reference pass ran although log-probs were cached")
+
+    objective = PreferenceObjective(Unused(model, lora=True))
+    with torch.no_grad():
+        summed, n = objective(model, batch)
+    assert abs(summed.item() / n - math.log(2)) <= 1e-6

@@ -35,6 +35,7 @@ class PosttrainOptions:
     beta: float = 0.1  # dpo: KL strength beta
     loss: str = "sigmoid"  # dpo: sigmoid, cdpo, robust, hinge, ipo (docs/posttrain.md)
     label_smoothing: float = 0.0  # dpo cdpo/robust: assumed label-flip rate eps
+    precompute_reference: bool = False  # dpo: reference log-probs once before training, cached
     centring: float = 0.0  # reward: coefficient of (r_c + r_r)^2
     reward: str = "exact"  # grpo: exact, lenient, compiles, or module:function(text, record)
     group_size: int = 4  # grpo: completions sampled per prompt

@@ -31,6 +31,7 @@ Notation: B pairs per micro-batch; a batch holds 2B rows, the B chosen then the 
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -119,6 +120,30 @@ class Reference:
             with adapters_disabled(policy):
                 return sequence_logprobs(policy, batch)
 
+    def precompute(
+        self, policy: nn.Module, pairs: list[tuple], pad_id: int, batch_size: int = 8
+    ) -> dict[str, float]:
+        """Return the reference log-prob of every response, keyed by the content hash of its
+        (ids, targets), computed once before training in fixed batches (so a resumed run gets the
+        same values); `pair_batches(..., reference_cache=...)` then skips the reference pass."""
+        device = next(policy.parameters()).device
+        rows = [row for pair in pairs for row in pair]
+        cache: dict[str, float] = {}
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i : i + batch_size]
+            batch = {k: v.to(device) for k, v in pad_sequences(chunk, pad_id).items()}
+            for row, value in zip(chunk, self.logprobs(policy, batch).tolist()):
+                cache[content_hash(row)] = value
+        return cache
+
+
+def content_hash(row: tuple[list[int], list[int]]) -> str:
+    """Return the sha256 of a sequence's ids and targets (the key of cached reference log-probs)."""
+    import hashlib
+
+    ids, targets = row
+    return hashlib.sha256(json.dumps([ids, targets]).encode()).hexdigest()
+
 
 class PreferenceObjective:
     """DPO-family objective: (summed per-pair loss, pairs); implicit-reward stats accumulate."""
@@ -142,7 +167,9 @@ class PreferenceObjective:
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[Any, int]:
         policy = sequence_logprobs(model, batch)  # (2B,)
-        ref = self.reference.logprobs(model, batch)  # (2B,)
+        ref = batch.get("ref_logps")  # (2B,) precomputed and cached, or computed now
+        if ref is None:
+            ref = self.reference.logprobs(model, batch)
         b = policy.shape[0] // 2
         ratios = policy - ref  # (2B,): log pi - log ref per response
         h = ratios[:b] - ratios[b:]  # (B,)
@@ -241,13 +268,26 @@ def read_preferences(path: Any, tokenizer: Any, template: Any, max_tokens: int =
     return pairs
 
 
-def pair_batches(pairs: list[tuple], batch_size: int, pad_id: int, seed: int = 0) -> Any:
-    """Return resumable seeded batches of preference pairs: (2B, T), the B chosen rows first."""
+def pair_batches(
+    pairs: list[tuple],
+    batch_size: int,
+    pad_id: int,
+    seed: int = 0,
+    reference_cache: dict[str, float] | None = None,
+) -> Any:
+    """Return resumable seeded batches of preference pairs: (2B, T), the B chosen rows first.
+
+    With `reference_cache` (from `Reference.precompute`) each batch carries `ref_logps` (2B,).
+    """
     if not pairs:
         raise DataError("no preference pairs to train on")
 
     def make_batch(picked: list[tuple]) -> dict[str, torch.Tensor]:
-        return pad_sequences([c for c, _ in picked] + [r for _, r in picked], pad_id)
+        rows = [c for c, _ in picked] + [r for _, r in picked]
+        batch = pad_sequences(rows, pad_id)
+        if reference_cache is not None:
+            batch["ref_logps"] = torch.tensor([reference_cache[content_hash(r)] for r in rows])
+        return batch
 
     seq_len = max(max(len(c[0]), len(r[0])) for c, r in pairs)
     return ShuffledBatches(pairs, batch_size, make_batch, seed, seq_len)

@@ -80,11 +80,13 @@ def posttrain(
             p.requires_grad_(True)
         trainable = None
     if recipe == "dpo":  # the reference is the base as loaded: built after LoRA, before training
-        from fmforge.posttrain.preference import PreferenceObjective, Reference
+        from fmforge.posttrain.preference import PreferenceObjective, Reference, pair_batches
 
-        objective = PreferenceObjective(
-            Reference(model, lora=opts.lora), opts.beta, opts.loss, opts.label_smoothing
-        )
+        reference = Reference(model, lora=opts.lora)
+        objective = PreferenceObjective(reference, opts.beta, opts.loss, opts.label_smoothing)
+        if opts.precompute_reference:  # one reference pass over the data instead of every step
+            cache = reference.precompute(model, batches.items + heldout, pad_id)
+            batches = pair_batches(batches.items, opts.batch_size, pad_id, opts.seed, cache)
     if recipe == "grpo":
         batches, objective = _grpo(model, tokenizer, template, pad_id, data, opts)
     lr = opts.lr if opts.lr is not None else DEFAULT_LR[recipe][int(opts.lora)]
