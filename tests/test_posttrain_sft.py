@@ -156,3 +156,15 @@ def test_sft_data_counts(tokenizer_dir, tmp_path):
     examples, counts = read_sft(path, tok, chat_template_of(tok))
     assert counts["examples"] == 2 and counts["skipped"] == 1
     assert tok.decode([t for t in examples[1][1] if t != -100]) == "4<|endoftext|>"
+
+
+def test_chatterbot_corpus_as_sft_data(tokenizer_dir):
+    pytest.importorskip("chatterbot_corpus")
+    tok = chat_tokenizer(tokenizer_dir, smollm2=False)
+    examples, counts = read_sft("chatterbot", tok, chat_template_of(tok))
+    assert counts["examples"] > 100 and counts["skipped"] == 0
+    from fmforge.posttrain.sft import chatterbot_records
+
+    first = chatterbot_records()[0]["messages"]
+    answers = [m["content"] + "<|im_end|>" for m in first if m["role"] == "assistant"]
+    assert tok.decode([t for t in examples[0][1] if t != -100]) == "".join(answers)

@@ -15,7 +15,8 @@ _DESCRIPTIONS = {
     "grpo": "GRPO: sample groups of completions, reward them with a function, optimise.",
 }
 _DATA_HELP = {
-    "sft": "JSONL with `messages` (fmforge feedback export --format sft) or prompt/completion",
+    "sft": "JSONL with `messages` (feedback export --format sft) or prompt/completion, or "
+    "chatterbot[:LANGUAGE] (the chatterbot corpus)",
     "reward": "JSONL with prompt, chosen, rejected (fmforge feedback export --format dpo)",
     "dpo": "JSONL with prompt, chosen, rejected (fmforge feedback export --format dpo)",
     "grpo": "JSONL with prompt (messages or text) and the fields --reward reads (answer)",

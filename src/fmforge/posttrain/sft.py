@@ -1,7 +1,8 @@
 """Supervised fine-tuning on chat data: assistant-only targets, packed rows, the one Trainer.
 
 Data: JSON lines with `messages` (role/content lists: fmforge's `feedback export --format sft`,
-OpenAI/TRL chat layout) or `prompt`/`completion` strings (fmforge's export of completions). Chats
+OpenAI/TRL chat layout) or `prompt`/`completion` strings (fmforge's export of completions), or the
+built-in chatterbot corpus (`chatterbot`, `chatterbot:korean`). Chats
 are rendered with the model's own chat template (`fmforge.chat_template`); only each assistant
 turn's content and its end-of-turn token are targets (`posttrain/sequences.py` derives the spans
 from the template). A data set whose targets are all masked is refused, never trained on silently.
@@ -16,6 +17,7 @@ Notation: B rows, T tokens per row.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,14 +48,48 @@ def encode_sft_record(tokenizer: Any, template: Any, record: dict[str, Any]) -> 
     raise DataError("a record needs `messages`, or `prompt` and `completion` strings")
 
 
+def chatterbot_records(language: str = "english") -> list[dict[str, Any]]:
+    """Return the chatterbot corpus as chat records: each conversation's turns alternate
+    user, assistant, user, ... (`pip install chatterbot-corpus`)."""
+    import yaml
+
+    from fmforge.model.load import package_dir
+
+    root = package_dir("chatterbot_corpus", "pip install chatterbot-corpus") / "data" / language
+    if not root.is_dir():
+        raise DataError(f"chatterbot corpus has no language {language!r} ({root})")
+    records = []
+    for path in sorted(root.glob("*.yml")):
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise DataError(f"{path}: unreadable chatterbot file ({e})") from e
+        for conversation in data.get("conversations") or []:
+            turns = [str(t).strip() for t in conversation if t is not None and str(t).strip()]
+            roles = ("user", "assistant")
+            messages = [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]
+            if len(messages) >= 2:
+                records.append({"messages": messages})
+    return records
+
+
+def sft_records(data: Any) -> list[dict[str, Any]]:
+    """Return the records of a JSONL file, or of the built-in `chatterbot[:LANGUAGE]` corpus."""
+    name = str(data)
+    if name.split(":")[0] == "chatterbot" and not Path(name).exists():
+        return chatterbot_records(name.partition(":")[2] or "english")
+    return read_jsonl(data)
+
+
 def read_sft(path: Any, tokenizer: Any, template: Any) -> tuple[list[Example], dict[str, int]]:
     """Return the encoded examples of an SFT file and counts (examples, supervised, skipped).
 
-    A record without any assistant turn is skipped and counted; a file where every record is
-    skipped, or an empty assistant turn anywhere, is a one-line DataError.
+    `path` is a JSONL file or `chatterbot[:LANGUAGE]`. A record without any assistant turn is
+    skipped and counted; a file where every record is skipped, or an empty assistant turn
+    anywhere, is a one-line DataError.
     """
     examples, skipped = [], 0
-    for number, record in enumerate(read_jsonl(path), 1):
+    for number, record in enumerate(sft_records(path), 1):
         try:
             example = encode_sft_record(tokenizer, template, record)
         except DataError as e:
