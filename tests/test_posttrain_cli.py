@@ -52,7 +52,8 @@ def test_sft_writes_a_model_dir_that_loads(base_dir, tmp_path, capsys):
     assert summary["steps"] == 4 and summary["examples"] == 6
     bundle = load_model_dir(tmp_path / "r")
     assert bundle.tokenizer is not None
-    assert (tmp_path / "r" / "report.md").is_file()
+    assert "plots/curves.png" in (tmp_path / "r" / "report.md").read_text()
+    assert (tmp_path / "r" / "plots" / "curves.png").stat().st_size > 0
 
 
 def test_dpo_with_lora_resumes_with_identical_losses(base_dir, tmp_path, capsys):

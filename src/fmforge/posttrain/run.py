@@ -255,8 +255,39 @@ def _save(recipe, wrapped, model, tokenizer, run_dir, opts, bundle) -> Path:
     return save_model_dir(model, tokenizer, final, provenance, overwrite=True)
 
 
+# The curves drawn per recipe besides the loss (whichever the run logged).
+CURVES = ("reward_margin", "reward_accuracy", "pair_accuracy", "reward", "kl",
+          "zero_variance_groups")  # fmt: skip
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> list[str]:
+    """Save the loss and the recipe's logged curves as one PNG; return the curves drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ["loss"] + [k for k in CURVES if any(k in r for r in history)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        points = [(r["step"], r[key]) for r in history if key in r]
+        if points:
+            ax.plot(*zip(*points), "o-", markersize=3)
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return keys
+
+
 def _write_report(run_dir: Path, summary: dict[str, Any], history: list[dict]) -> None:
     lines = [f"# posttrain {summary['recipe']}", "", f"Base: `{summary['base']}`", ""]
+    if history:
+        drawn = plot_curves(history, run_dir / "plots" / "curves.png")
+        lines += [f"![{', '.join(drawn)}](plots/curves.png)", ""]
     lines += ["| key | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in sorted(summary.items()) if not isinstance(v, dict)]
     keys = sorted({k for r in history for k in r} - {"step", "tokens"})
