@@ -119,8 +119,6 @@ class Scheduler:
     `add` may be called from any thread; `step` from one thread at a time.
     """
 
-    steps_run = 0  # steps of every scheduler in this process (tests: who runs this engine)
-
     def __init__(
         self,
         model: torch.nn.Module,
@@ -199,7 +197,6 @@ class Scheduler:
         admitted = self._admit()
         if not self.active:
             return
-        Scheduler.steps_run += 1
         self.steps += 1
         with torch.inference_mode():
             if admitted or self.cache is None:
