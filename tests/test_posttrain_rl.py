@@ -176,3 +176,56 @@ def test_builtin_rewards():
     assert contains_answer("the answer is 12.", record) == 1.0
     assert contains_answer("112", record) == 0.0
     assert compiles("    return x\n", record) == 1.0 and compiles("    return (\n", record) == 0.0
+
+
+def _ppo_setup(tokenizer_dir):
+    from fmforge.posttrain.preference import Reference
+    from fmforge.posttrain.rl import PolicyWithValue, PPORollouts
+    from fmforge.posttrain.sequences import chat_template_of, pad_id_of
+    from posttrain_data import arithmetic_records, chat_tokenizer, tiny_lm
+
+    tok = chat_tokenizer(tokenizer_dir, smollm2=False)
+    template = chat_template_of(tok)
+    records = arithmetic_records(4)
+    prompts = [template.render(tok, r["prompt"]) for r in records]
+    policy = PolicyWithValue(tiny_lm(tok.vocab_size))
+    rollouts = PPORollouts(
+        policy, tok, prompts, records, _length_reward, group_size=2, prompts_per_step=2,
+        max_new_tokens=5, stop_ids=tuple(template.stop_ids(tok)), pad_id=pad_id_of(tok),
+        reference=Reference(policy.lm, lora=False), seed=2, kl_coef=0.05, gamma=1.0, lam=0.9,
+    )  # fmt: skip
+    return policy, rollouts
+
+
+def test_ppo_returns_are_gae_of_the_final_reward(tokenizer_dir):
+    _, rollouts = _ppo_setup(tokenizer_dir)
+    batch = rollouts.next_batch()
+    scored = batch["target_ids"] != -100
+    # At the start the policy is the reference (no KL penalty) and the value head is 0, so the
+    # return of completion token t is lam^(last - t) * R (gamma = 1): GAE's closed form.
+    for row, reward in enumerate(rollouts.last_rewards.tolist()):
+        positions = scored[row].nonzero().squeeze(1).tolist()
+        last = positions[-1]
+        for t in positions:
+            want = 0.9 ** (last - t) * reward
+            assert batch["returns"][row, t].item() == pytest.approx(want, abs=1e-5)
+    picked = batch["token_advantages"][scored]
+    assert picked.mean().abs().item() < 1e-5  # whitened over the completion tokens
+    assert (batch["token_advantages"][~scored] == 0).all()
+
+
+def test_ppo_trains_the_policy_and_its_value_head(tokenizer_dir, tmp_path):
+    from fmforge.config import TrainSection
+    from fmforge.posttrain.rl import PPOObjective
+    from fmforge.train.trainer import Trainer
+
+    policy, rollouts = _ppo_setup(tokenizer_dir)
+    start = policy.value_head.weight.detach().clone()
+    cfg = TrainSection(
+        max_steps=2, batch_size=4, warmup_steps=0, eval_every=0, checkpoint_every=0, lr=1e-2,
+        log_every=1, weight_decay=0.0,
+    )  # fmt: skip
+    trainer = Trainer(policy, cfg, tmp_path, rollouts, PPOObjective(), progress=False)
+    trainer.fit()
+    assert all(math.isfinite(r["loss"]) for r in trainer.history)
+    assert not torch.equal(policy.value_head.weight, start)

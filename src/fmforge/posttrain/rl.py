@@ -217,6 +217,7 @@ class GRPORollouts:
         self.seq_len = max(len(p) for p in prompts) + max_new_tokens
         self._stats = torch.zeros(5, dtype=torch.float64)  # reward sum, n, flat, groups, errors
         self.samples: list[dict[str, Any]] = []
+        self.last_rewards = torch.zeros(0)
 
     def _reward(self, text: str, record: dict[str, Any]) -> tuple[float, bool]:
         try:
@@ -256,7 +257,8 @@ class GRPORollouts:
                 completion = list(self.stop_ids[:1]) or [self.pad_id]
             rows.append((prompt + completion, [IGNORE_INDEX] * len(prompt) + completion))
         batch = pad_sequences(rows, self.pad_id)
-        grouped = torch.tensor(rewards).view(len(picked), self.group_size)  # (G, n)
+        self.last_rewards = torch.tensor(rewards)  # (N,) for recipes that shape them (PPO)
+        grouped = self.last_rewards.view(len(picked), self.group_size)  # (G, n)
         advantages, flat = group_advantages(grouped)
         batch["advantages"] = advantages.flatten()
         with torch.no_grad():
@@ -303,3 +305,85 @@ def _reference_token_logprobs(reference: Any, policy: nn.Module, batch: dict) ->
         return token_logprobs(reference.copy(batch["input_ids"]), batch["target_ids"])
     with adapters_disabled(policy):
         return token_logprobs(policy(batch["input_ids"]), batch["target_ids"])
+
+
+# --- PPO: a value head, per-token rewards and GAE ----------------------------------------------
+
+
+class PolicyWithValue(nn.Module):
+    """A decoder with a value head (hidden -> 1, zero-initialised) on every position.
+
+    forward(ids) gives logits (B, T, V) like the decoder; forward(ids, with_values=True) gives
+    (logits, values (B, T)) from one pass. Rollouts sample from `.lm`, the decoder itself.
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+        self.config = lm.config
+        self.value_head = nn.Linear(lm.config.hidden_size, 1, bias=False)
+        nn.init.zeros_(self.value_head.weight)
+
+    def forward(self, input_ids: torch.Tensor, with_values: bool = False) -> Any:
+        hidden = self.lm(input_ids, return_hidden=True)  # (B, T, C)
+        logits = self.lm.lm_head(hidden)  # (B, T, V)
+        if not with_values:
+            return logits
+        return logits, self.value_head(hidden).squeeze(-1).float()  # (B, T)
+
+
+class PPORollouts(GRPORollouts):
+    """GRPO's rollouts, shaped for PPO: per-token rewards, values, GAE advantages and returns.
+
+    Each completion token t gets reward -kl_coef * (log pi_old(t) - log ref(t)) (the per-token KL
+    penalty of InstructGPT), and its last token also gets the sequence's reward. GAE runs over
+    the completion with the rollout values (terminal value 0); advantages are whitened over the
+    batch's completion tokens. `policy` is the PolicyWithValue; sampling uses its decoder.
+    """
+
+    def __init__(self, policy: PolicyWithValue, *args: Any, kl_coef: float = 0.05,
+                 gamma: float = 1.0, lam: float = 0.95, **kwargs: Any):  # fmt: skip
+        super().__init__(policy.lm, *args, **kwargs)
+        self.value_model, self.kl_coef, self.gamma, self.lam = policy, kl_coef, gamma, lam
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        batch = super().next_batch()
+        scored = batch["target_ids"] != IGNORE_INDEX  # (N, T), one contiguous run per row
+        with torch.no_grad():
+            _, values = self.value_model(batch["input_ids"], with_values=True)  # (N, T)
+        values = values * scored
+        rewards = torch.zeros_like(values)
+        if "ref_logps" in batch:
+            rewards = -self.kl_coef * (batch["old_logps"] - batch["ref_logps"]) * scored
+        last = scored.long().cumsum(1).argmax(1)  # (N,) the last completion position
+        rows = torch.arange(len(last))
+        rewards[rows, last] += self.last_rewards.to(rewards.dtype)
+        extended = torch.cat([values, torch.zeros_like(values[:, :1])], dim=1)  # (N, T + 1)
+        advantages, returns = gae(rewards, extended, self.gamma, self.lam)
+        picked = advantages[scored]
+        advantages = (advantages - picked.mean()) / (picked.std() + 1e-8) * scored
+        batch.update(token_advantages=advantages, returns=returns, old_values=values)
+        return batch
+
+
+class PPOObjective:
+    """PPO's clipped surrogate per token plus vf_coef times the clipped value loss.
+
+    batch: input_ids, target_ids, old_logps, token_advantages, returns, old_values (N, T).
+    Returns (loss summed over completion tokens, completion tokens).
+    """
+
+    def __init__(self, clip_eps: float = 0.2, vf_coef: float = 0.1, value_clip: float = 0.2):
+        self.clip_eps, self.vf_coef, self.value_clip = clip_eps, vf_coef, value_clip
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[Any, Any]:
+        scored = batch["target_ids"] != IGNORE_INDEX  # (N, T)
+        logits, values = model(batch["input_ids"], with_values=True)
+        logp = token_logprobs(logits, batch["target_ids"])  # (N, T)
+        ratio = torch.exp(logp - batch["old_logps"])
+        a = batch["token_advantages"]
+        policy = -torch.minimum(ratio * a, ratio.clamp(1 - self.clip_eps, 1 + self.clip_eps) * a)
+        old, target = batch["old_values"], batch["returns"]
+        clipped = old + (values - old).clamp(-self.value_clip, self.value_clip)
+        value = 0.5 * torch.maximum((values - target) ** 2, (clipped - target) ** 2)
+        return ((policy + self.vf_coef * value) * scored).sum(), scored.sum()
