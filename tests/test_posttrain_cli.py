@@ -216,3 +216,28 @@ def test_dpo_with_precomputed_reference(base_dir, tmp_path, capsys):
     assert code == 0, err
     first = json.loads((run / "metrics.jsonl").open().readline())
     assert first["loss"] == pytest.approx(0.6931472, abs=1e-6)
+
+
+def test_ppo_with_a_reward_model(base_dir, tmp_path, capsys):
+    """The seed's path: a reward model trained here scores PPO's completions."""
+    prefs = tmp_path / "prefs.jsonl"
+    write_jsonl(prefs, arithmetic_records(4))
+    code, _, err = cli(
+        capsys, "posttrain", "reward", "--base", base_dir, "--data", prefs, "--out",
+        tmp_path / "rm", *FAST,
+    )  # fmt: skip
+    assert code == 0, err
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(prompts, [{"prompt": r["prompt"]} for r in arithmetic_records(4)])
+    code, out, err = cli(
+        capsys, "posttrain", "ppo", "--base", base_dir, "--data", prompts, "--out",
+        tmp_path / "ppo", "--reward_model", tmp_path / "rm" / "final", "--group_size", "2",
+        "--max_new_tokens", "4", "--lora", *FAST,
+    )  # fmt: skip
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["steps"] == 4
+    records = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").open()]
+    assert {"reward", "zero_variance_groups", "reward_errors"} <= set(records[-1])
+    assert any(r["reward"] != 0 for r in records)  # the reward model scored the completions
+    assert load_model_dir(tmp_path / "ppo").tokenizer is not None

@@ -1,4 +1,4 @@
-"""Post-training commands: fmforge posttrain sft|reward|dpo|grpo."""
+"""Post-training commands: fmforge posttrain sft|reward|dpo|grpo|ppo."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from fmforge.commands import GROUPS, command, new_parser, print_json
 
-GROUPS["posttrain"] = "Post-training: SFT, a reward model, DPO, GRPO (docs/posttrain.md)."
+GROUPS["posttrain"] = "Post-training: SFT, a reward model, DPO, GRPO, PPO (docs/posttrain.md)."
 
 _DESCRIPTIONS = {
     "sft": "Instruction-tune on chat JSONL (messages or prompt/completion): assistant tokens only.",
     "reward": "Train a Bradley-Terry reward model on preference pairs (an HF sequence classifier).",
     "dpo": "Direct preference optimisation (sigmoid, cdpo, robust, hinge, ipo) on preferences.",
     "grpo": "GRPO: sample groups of completions, reward them with a function, optimise.",
+    "ppo": "PPO with a value head and GAE; rewards from a function or --reward_model DIR.",
 }
 _DATA_HELP = {
     "sft": "JSONL with `messages` (feedback export --format sft) or prompt/completion, or "
@@ -20,6 +21,7 @@ _DATA_HELP = {
     "reward": "JSONL with prompt, chosen, rejected (fmforge feedback export --format dpo)",
     "dpo": "JSONL with prompt, chosen, rejected (fmforge feedback export --format dpo)",
     "grpo": "JSONL with prompt (messages or text) and the fields --reward reads (answer)",
+    "ppo": "JSONL with prompt (messages or text) and the fields --reward reads (answer)",
 }
 
 
@@ -60,5 +62,5 @@ def _run(recipe: str):
     return handler
 
 
-for _recipe in ("sft", "reward", "dpo", "grpo"):
+for _recipe in ("sft", "reward", "dpo", "grpo", "ppo"):
     command(f"posttrain {_recipe}", _parser(_recipe))(_run(_recipe))

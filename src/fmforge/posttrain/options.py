@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-RECIPES = ("sft", "reward", "dpo", "grpo")
+RECIPES = ("sft", "reward", "dpo", "grpo", "ppo")
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # Peak learning rates when --lr is not given: (full fine-tuning, LoRA). Full-model rates follow
@@ -15,6 +15,7 @@ DEFAULT_LR = {
     "reward": (5e-5, 1e-3),
     "dpo": (5e-6, 5e-4),
     "grpo": (5e-6, 5e-4),
+    "ppo": (5e-6, 5e-4),
 }
 
 
@@ -41,8 +42,13 @@ class PosttrainOptions:
     group_size: int = 4  # grpo: completions sampled per prompt
     max_new_tokens: int = 32  # grpo: completion budget
     temperature: float = 1.0  # grpo: sampling temperature of the rollouts
-    kl_coef: float = 0.04  # grpo: weight of the k3 KL to the reference; 0 drops the reference
-    clip_eps: float = 0.2  # grpo: ratio clipping
+    kl_coef: float = 0.04  # grpo/ppo: weight of the k3 KL to the reference; 0 drops the reference
+    clip_eps: float = 0.2  # grpo/ppo: ratio clipping
+    reward_model: str | None = (
+        None  # grpo/ppo: a reward-model dir scoring completions (not --reward)
+    )
+    vf_coef: float = 0.1  # ppo: weight of the value loss
+    lam: float = 0.95  # ppo: GAE lambda (gamma is 1: rewards come at the end of a completion)
     heldout_fraction: float = 0.1  # reward/dpo: pairs kept out for accuracy
     checkpoint_every: int = 50  # steps between checkpoints (and the last)
     log_every: int = 10  # steps between metrics.jsonl records

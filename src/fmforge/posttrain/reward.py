@@ -208,3 +208,26 @@ def load_reward_model(path: str | os.PathLike) -> tuple[RewardModel, Any]:
         raise UserError(f"{path}: model.safetensors lacks {sorted(missing)[:3]}")
     lm.load_state_dict(state, strict=False)
     return model.eval(), Tokenizer.load(path)
+
+
+def reward_model_scorer(path: str | os.PathLike) -> Any:
+    """Return reward(completion_text, record) -> float from a reward-model dir.
+
+    The record's `prompt` (messages, or a string taken as one user turn) and the completion as the
+    assistant's answer are rendered with the reward model's own chat template, as in training.
+    """
+    from fmforge.posttrain.sequences import chat_template_of, encode_conversation
+
+    model, tokenizer = load_reward_model(path)
+    template = chat_template_of(tokenizer)
+
+    def reward(text: str, record: dict[str, Any]) -> float:
+        prompt = record["prompt"]
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        messages = [*prompt, {"role": "assistant", "content": text}]
+        ids, _ = encode_conversation(tokenizer, template, messages, last_only=True)
+        with torch.no_grad():
+            return float(model(torch.tensor([ids]), torch.tensor([len(ids)]))[0])
+
+    return reward

@@ -70,8 +70,8 @@ def posttrain(
     if opts.lora:
         apply_lora(model, opts.targets, opts.rank, opts.alpha)
         trainable = lora_parameters(model)
-        if recipe == "reward":  # the new scalar head trains with the adapters
-            head = list(wrapped.score.parameters())
+        if wrapped is not model:  # a new head (reward score, PPO value) trains with the adapters
+            head = [p for n, p in wrapped.named_parameters() if not n.startswith("lm.")]
             for p in head:
                 p.requires_grad_(True)
             trainable += head
@@ -87,8 +87,8 @@ def posttrain(
         if opts.precompute_reference:  # one reference pass over the data instead of every step
             cache = reference.precompute(model, batches.items + heldout, pad_id)
             batches = pair_batches(batches.items, opts.batch_size, pad_id, opts.seed, cache)
-    if recipe == "grpo":
-        batches, objective = _grpo(model, tokenizer, template, pad_id, data, opts)
+    if recipe in ("grpo", "ppo"):
+        batches, objective = _rollouts(recipe, wrapped, tokenizer, template, pad_id, data, opts)
     lr = opts.lr if opts.lr is not None else DEFAULT_LR[recipe][int(opts.lora)]
     cfg = TrainSection(
         max_steps=opts.max_steps,
@@ -120,7 +120,7 @@ def posttrain(
     )
     summary = {"recipe": recipe, "base": str(base), "lr": lr, **counts}
     summary.update(trainer.fit(resume=resuming))
-    if recipe == "grpo":
+    if recipe in ("grpo", "ppo"):
         summary["prompts"] = len(batches.prompts)
         summary["sample_outputs"] = batches.samples
     wrapped.eval()
@@ -160,8 +160,10 @@ def _recipe(recipe, model, tokenizer, template, pad_id, data, opts):
         batches = reward_batches(train, opts.batch_size, pad_id, opts.seed)
         counts = {"pairs": len(train), "heldout_pairs": len(heldout)}
         return batches, RewardObjective(opts.centring), heldout, counts, RewardModel(model)
-    if recipe == "grpo":
-        return None, None, [], {}, model  # built after LoRA (the reference needs it): _grpo
+    if recipe in ("grpo", "ppo"):  # built after LoRA (the reference needs it): _rollouts
+        from fmforge.posttrain.rl import PolicyWithValue
+
+        return None, None, [], {}, PolicyWithValue(model) if recipe == "ppo" else model
     from fmforge.posttrain.preference import pair_batches, read_preferences
 
     pairs = read_preferences(data, tokenizer, template, opts.seq_len)
@@ -171,8 +173,8 @@ def _recipe(recipe, model, tokenizer, template, pad_id, data, opts):
     return batches, None, heldout, counts, model
 
 
-class _GRPOObjective:
-    """GRPO's objective with the rollouts' metrics (reward, zero-variance groups) in its log."""
+class _RolloutObjective:
+    """An RL objective with the rollouts' metrics (reward, zero-variance groups) in its log."""
 
     def __init__(self, objective: Any, rollouts: Any):
         self.objective, self.rollouts = objective, rollouts
@@ -181,17 +183,30 @@ class _GRPOObjective:
         return self.objective(model, batch)
 
     def pop_metrics(self) -> dict[str, float]:
-        return {**self.objective.pop_metrics(), **self.rollouts.pop_metrics()}
+        own = self.objective.pop_metrics() if hasattr(self.objective, "pop_metrics") else {}
+        return {**own, **self.rollouts.pop_metrics()}
 
 
-def _grpo(model, tokenizer, template, pad_id, data, opts):
-    """Return (rollouts, objective) of a GRPO run: prompts from JSONL, rewards from a function."""
+def _rollouts(recipe, wrapped, tokenizer, template, pad_id, data, opts):
+    """Return (rollouts, objective) of a GRPO or PPO run: prompts from JSONL, rewards from a
+    function or a reward model."""
     from fmforge.errors import DataError, UserError
     from fmforge.posttrain.preference import Reference
-    from fmforge.posttrain.rl import GRPOObjective, GRPORollouts, reward_function
+    from fmforge.posttrain.rl import (
+        GRPOObjective,
+        GRPORollouts,
+        PPOObjective,
+        PPORollouts,
+        reward_function,
+    )
     from fmforge.posttrain.sequences import read_jsonl
 
-    reward_fn = reward_function(opts.reward)
+    if opts.reward_model:
+        from fmforge.posttrain.reward import reward_model_scorer
+
+        reward_fn = reward_model_scorer(opts.reward_model)
+    else:
+        reward_fn = reward_function(opts.reward)
     records = read_jsonl(data, required=("prompt",))
     prompts = []
     for number, record in enumerate(records, 1):
@@ -209,13 +224,17 @@ def _grpo(model, tokenizer, template, pad_id, data, opts):
         if not ids:
             raise DataError(f"{data}:{number}: the prompt is empty")
         prompts.append(ids)
-    reference = Reference(model, lora=opts.lora) if opts.kl_coef else None
-    rollouts = GRPORollouts(
-        model, tokenizer, prompts, records, reward_fn, opts.group_size, opts.batch_size,
-        opts.max_new_tokens, opts.temperature, tuple(s for s in stop if s is not None), pad_id,
-        reference, opts.seed,
-    )  # fmt: skip
-    return rollouts, _GRPOObjective(GRPOObjective(opts.clip_eps, opts.kl_coef), rollouts)
+    lm = wrapped.lm if recipe == "ppo" else wrapped
+    reference = Reference(lm, lora=opts.lora) if opts.kl_coef else None
+    stop = tuple(s for s in stop if s is not None)
+    common = (tokenizer, prompts, records, reward_fn, opts.group_size, opts.batch_size,
+              opts.max_new_tokens, opts.temperature, stop, pad_id, reference,
+              opts.seed)  # fmt: skip
+    if recipe == "ppo":
+        rollouts = PPORollouts(wrapped, *common, kl_coef=opts.kl_coef, lam=opts.lam)
+        return rollouts, _RolloutObjective(PPOObjective(opts.clip_eps, opts.vf_coef), rollouts)
+    rollouts = GRPORollouts(wrapped, *common)
+    return rollouts, _RolloutObjective(GRPOObjective(opts.clip_eps, opts.kl_coef), rollouts)
 
 
 def _heldout_metrics(recipe, model, objective, heldout, pad_id) -> dict[str, float]:
