@@ -73,6 +73,47 @@ def _dpo_case():
     return model, batch, PreferenceObjective(Reference(model, lora=False))
 
 
+def _encoder_batch(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 512, (4, 16), generator=g)
+    mask = torch.ones(4, 16, dtype=torch.long)
+    mask[1, 11:] = 0  # a padded row
+    ids[1, 11:] = 0
+    return ids, mask, g
+
+
+def _tiny_bert(config_cls, presets):
+    # Dropout off: CPU dropout masks depend on the thread count, golden values must not.
+    return config_cls(
+        vocab_size=512,
+        max_position_embeddings=64,
+        **{**presets["tiny"], "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
+    )
+
+
+def _masked_lm_case():
+    from fmforge.model.bert import BERT_PRESETS, BertConfig
+    from fmforge.model.heads import BertForMaskedLM
+    from fmforge.train.objectives import mask_tokens, masked_lm_loss
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(_tiny_bert(BertConfig, BERT_PRESETS))
+    ids, mask, g = _encoder_batch(4)
+    inputs, labels = mask_tokens(ids, mask, {0, 1, 2, 3}, 4, 512, g, probability=0.3)
+    return model, {"input_ids": inputs, "attention_mask": mask, "labels": labels}, masked_lm_loss
+
+
+def _info_nce_case():
+    from fmforge.model.bert import BERT_PRESETS, BertConfig
+    from fmforge.model.heads import BertForMaskedLM
+    from fmforge.train.objectives import info_nce_loss
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(_tiny_bert(BertConfig, BERT_PRESETS))
+    ids, mask, _ = _encoder_batch(5)
+    return model, {"input_ids": ids, "attention_mask": mask}, info_nce_loss
+
+
 def _sft_case():
     from fmforge.posttrain.sft import collate, pack, sft_loss
 
@@ -107,6 +148,8 @@ CASES = {
     "dpo": _dpo_case,
     "sft": _sft_case,
     "reward": _reward_case,
+    "masked_lm": _masked_lm_case,
+    "info_nce": _info_nce_case,
 }
 
 # objective -> (loss before the first step, loss after it), nats per scored target.
@@ -116,6 +159,8 @@ GOLDEN = {
     "dpo": (0.6931472, 0.3773170),  # ln 2 before: the policy is its own reference
     "sft": (6.2026549, 5.3835071),  # 2 rows of 2 packed examples, assistant targets only
     "reward": (0.6931472, 0.4677106),  # ln 2 before: the head starts at zero
+    "masked_lm": (6.2402763, 5.3939304),
+    "info_nce": (0.5810660, 0.0000001),  # one step at lr 1e-2 separates the 4 sentences
 }
 
 
