@@ -126,7 +126,9 @@ def test_wrong_type_and_inconsistent_values(capsys, shards_dir, tmp_path):
 
 def test_yaml_11_gotchas_parse_as_numbers(tmp_path, shards_dir, capsys):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"data:\n  shards: {shards_dir}\ntrain:\n  lr: 1e-3\nruntime:\n  compile: 'no'\n")
+    cfg.write_text(
+        f"data:\n  shards: {shards_dir}\ntrain:\n  lr: 1e-3\nruntime:\n  compile: 'no'\n"
+    )
     code = main(["pretrain", "--config", str(cfg), "--out", str(tmp_path / "r"), "--print-config"])
     out = capsys.readouterr().out
     assert code == 0
