@@ -11,7 +11,7 @@ from fmforge.train.objectives import info_nce, info_nce_loss
 
 
 def test_info_nce_equals_multiple_negatives_ranking_loss():
-    st = pytest.importorskip("sentence_transformers")
+    pytest.importorskip("sentence_transformers")
     g = torch.Generator().manual_seed(3)
     anchors, positives = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
     positives[:4] = anchors[:4] + 0.1 * positives[:4]  # some easy pairs, some hard
