@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from fmforge.config import PretrainConfig, dump_yaml, validate
+from fmforge.config import PretrainConfig, dump_yaml
 from fmforge.errors import ConfigError
 
 ENCODER_OBJECTIVES = ("mlm", "contrastive")
@@ -157,22 +157,17 @@ def pretrain_encoder(
     progress: bool | None = None,
 ) -> dict[str, Any]:
     """Train a BERT encoder with `objective` ("mlm" or "contrastive"); write the run dir."""
-    from fmforge.artifacts import check_output_dir, write_json_atomic
+    from fmforge.artifacts import write_json_atomic
     from fmforge.data.pack import TokenShards
     from fmforge.model.load import SentenceSpec, save_encoder_dir
     from fmforge.train.distributed import setup_runtime
     from fmforge.train.objectives import info_nce_loss, masked_lm_loss
+    from fmforge.train.pretrain import open_run_dir
     from fmforge.train.trainer import Trainer
 
     if objective not in ENCODER_OBJECTIVES:
         raise ConfigError(f"--objective={objective!r} is not one of {list(ENCODER_OBJECTIVES)}")
-    validate(cfg)
-    if resume not in ("never", "auto"):
-        raise ConfigError(f"--resume={resume!r} is not one of ['never', 'auto']")
-    run_dir = Path(out)
-    resuming = resume == "auto" and (run_dir / "config.yaml").is_file()
-    if not resuming:
-        check_output_dir(run_dir, overwrite)
+    run_dir, resuming = open_run_dir(cfg, out, resume, overwrite)
     shards = TokenShards.open(cfg.data.shards)
     tokenizer = shards.tokenizer()
     _check_tokenizer(tokenizer, cfg.data.shards)

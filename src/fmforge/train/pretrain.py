@@ -70,6 +70,20 @@ def evaluate_loss(
     return total / count, count
 
 
+def open_run_dir(
+    cfg: PretrainConfig, out: str | Path, resume: str, overwrite: bool
+) -> tuple[Path, bool]:
+    """Validate the config and the output dir; return (run dir, whether to resume it)."""
+    validate(cfg)
+    if resume not in ("never", "auto"):
+        raise ConfigError(f"--resume={resume!r} is not one of ['never', 'auto']")
+    run_dir = Path(out)
+    resuming = resume == "auto" and (run_dir / "config.yaml").is_file()
+    if not resuming:
+        check_output_dir(run_dir, overwrite)
+    return run_dir, resuming
+
+
 def pretrain(
     cfg: PretrainConfig,
     out: str | Path,
@@ -94,13 +108,7 @@ def pretrain(
     from fmforge.train.objectives import causal_lm_loss
     from fmforge.train.trainer import Trainer
 
-    validate(cfg)
-    if resume not in ("never", "auto"):
-        raise ConfigError(f"--resume={resume!r} is not one of ['never', 'auto']")
-    run_dir = Path(out)
-    resuming = resume == "auto" and (run_dir / "config.yaml").is_file()
-    if not resuming:
-        check_output_dir(run_dir, overwrite)
+    run_dir, resuming = open_run_dir(cfg, out, resume, overwrite)
     shards = TokenShards.open(cfg.data.shards)
     tokenizer = shards.tokenizer()
     model_config = build_model_config(cfg, tokenizer.vocab_size)
