@@ -46,13 +46,14 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _build(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
+def build_library(compiler: str, source_file: Path = SOURCE, name: str = "kernels") -> Path:
+    """Compile `source_file` into the cache (once per source, compiler and CPU); return the .so."""
+    source = source_file.read_bytes()
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
     key = hashlib.sha256(
         b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _cpu_flags().encode()])
     ).hexdigest()[:16]
-    target = cache_dir() / f"kernels-{key}.so"
+    target = cache_dir() / f"{name}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +61,7 @@ def _build(compiler: str) -> Path:
     os.close(fd)
     try:
         subprocess.run(
-            [compiler, *flags, str(SOURCE), "-o", tmp, "-lm"],
+            [compiler, *flags, str(source_file), "-o", tmp, "-lm"],
             check=True,
             capture_output=True,
             timeout=120,
@@ -85,7 +86,7 @@ def library() -> ctypes.CDLL | None:
         _status = "no C compiler found: decode uses torch ops (install gcc for faster decoding)"
         return None
     try:
-        library = ctypes.CDLL(str(_build(compiler)))
+        library = ctypes.CDLL(str(build_library(compiler)))
         for name, (argtypes, restype) in _signatures().items():
             getattr(library, name).argtypes = argtypes
             getattr(library, name).restype = restype

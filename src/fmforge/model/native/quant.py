@@ -9,46 +9,18 @@ source, the compiler, the flags and the CPU's feature flags; written atomically)
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from fmforge.model.native import _cpu_flags, cache_dir
+from fmforge.model.native import build_library
 
 SOURCE = Path(__file__).with_name("quant.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 _library: ctypes.CDLL | None = None
 _status: str | None = None
-
-
-def _build(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(
-        b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode(), _cpu_flags().encode()])
-    ).hexdigest()[:16]
-    target = cache_dir() / f"quant-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
 
 
 def library() -> ctypes.CDLL | None:
@@ -71,7 +43,7 @@ def library() -> ctypes.CDLL | None:
         + [ptr, i32, i32],
     }
     try:
-        loaded = ctypes.CDLL(str(_build(compiler)))
+        loaded = ctypes.CDLL(str(build_library(compiler, SOURCE, "quant")))
         for name, argtypes in signatures.items():
             getattr(loaded, name).argtypes = argtypes
             getattr(loaded, name).restype = None
