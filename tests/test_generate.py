@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fmforge.api import LoadedModel
 from fmforge.chat_template import CHATML, template_for
 from fmforge.errors import UserError
 from fmforge.generate.defaults import DEFAULT_SAMPLING, sampling_defaults
@@ -16,7 +17,6 @@ from fmforge.generate.sampling import SamplingParams
 from fmforge.generate.scheduler import Request, Scheduler
 from fmforge.generate.stream import TextStream
 from fmforge.model.llama import LlamaForCausalLM
-from fmforge.model.load import LoadedModel
 from fmforge.tokenizer import train_tokenizer
 
 CORPUS = [

@@ -14,12 +14,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from fmforge.api import load
 from fmforge.cli import main
 from fmforge.generate.engine import generate_tokens
 from fmforge.generate.scheduler import Scheduler
 from fmforge.model import native
 from fmforge.model.llama import LlamaForCausalLM
-from fmforge.model.load import load
 from test_serve_support import (  # noqa: F401
     MODEL_NAME,
     ThreadServer,

@@ -13,9 +13,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from fmforge.api import load
 from fmforge.generate.engine import generate_tokens
 from fmforge.generate.scheduler import Request
-from fmforge.model.load import load
 from fmforge.serve.engine import BatchEngine
 from polling import wait_until
 from test_serve_support import (  # noqa: F401

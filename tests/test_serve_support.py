@@ -46,8 +46,8 @@ def serve_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
 
 def make_app(model_dir: Path, db_url: str | None = None, **settings):
     """Return (app, store) for `model_dir`; store is None when db_url is None."""
+    from fmforge.api import load
     from fmforge.flywheel.store import FeedbackStore
-    from fmforge.model.load import load
     from fmforge.serve.app import Settings, create_app
 
     store = FeedbackStore(db_url) if db_url else None

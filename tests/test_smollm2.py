@@ -99,7 +99,9 @@ def test_export_loads_in_transformers(smollm2, tmp_path):
 
 
 def test_cli_generate_too_many_tokens(smollm2, monkeypatch, capsys):
-    monkeypatch.setattr("fmforge.model.load.load", lambda name: smollm2)  # no second load
+    monkeypatch.setattr(
+        "fmforge.api.load_decoder", lambda name, quantize=None: smollm2
+    )  # no second load
     assert (
         main(["generate", "smollm2-135m-instruct", "--prompt", "hi", "--max-new-tokens", "9000"])
         == 2
@@ -108,7 +110,7 @@ def test_cli_generate_too_many_tokens(smollm2, monkeypatch, capsys):
 
 
 def test_cli_generate_chat(smollm2, monkeypatch, capsys):
-    monkeypatch.setattr("fmforge.model.load.load", lambda name: smollm2)
+    monkeypatch.setattr("fmforge.api.load_decoder", lambda name, quantize=None: smollm2)
     argv = [
         "generate",
         "smollm2-135m-instruct",

@@ -435,13 +435,3 @@ def _json_safe(obj: Any) -> Any:
     if isinstance(obj, str | int | float | bool) or obj is None:
         return obj
     return str(obj)
-
-
-def __getattr__(name: str) -> Any:
-    # Transitional: `LoadedModel` and `load` moved to `fmforge.api` (model/ never imports
-    # generate/); old imports keep working until every caller uses fmforge.api.
-    if name in ("LoadedModel", "load"):
-        from fmforge import api
-
-        return getattr(api, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
