@@ -10,6 +10,7 @@ import pytest
 from fmforge.cli import main
 from fmforge.model.load import load_model_dir, save_model_dir
 from fmforge.tokenizer import Tokenizer
+from polling import wait_until
 from posttrain_data import arithmetic_records, tiny_lm, write_jsonl
 
 FAST = ["--max_steps", "4", "--batch_size", "2", "--checkpoint_every", "2", "--log_every", "1"]
@@ -169,7 +170,6 @@ def test_dpo_killed_with_sigkill_resumes_with_identical_losses(base_dir, tmp_pat
     import signal
     import subprocess
     import sys
-    import time
 
     data = tmp_path / "prefs.jsonl"
     write_jsonl(data, arithmetic_records(12))
@@ -186,11 +186,9 @@ def test_dpo_killed_with_sigkill_resumes_with_identical_losses(base_dir, tmp_pat
     process = subprocess.Popen(
         command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    deadline = time.monotonic() + 300
-    while not (killed / "checkpoints" / "step-4").is_dir() and time.monotonic() < deadline:
-        if process.poll() is not None:
-            break
-        time.sleep(0.05)
+    wait_until(
+        lambda: (killed / "checkpoints" / "step-4").is_dir() or process.poll() is not None, 300
+    )
     if process.poll() is None:
         os.kill(process.pid, signal.SIGKILL)
     process.wait()
