@@ -73,30 +73,36 @@ def build_library(compiler: str, source_file: Path = SOURCE, name: str = "kernel
     return target
 
 
-def library() -> ctypes.CDLL | None:
-    """Return the kernel library (built and loaded once per process), or None."""
-    global _library, _status
-    if _status is not None:
-        return _library
+def load_library(
+    source_file: Path, name: str, signatures: dict[str, tuple[list, type | None]], fallback: str
+) -> tuple[ctypes.CDLL | None, str]:
+    """Build (once, cached) and load a kernel source; return (library or None, a status line).
+
+    `signatures` maps each entry point to (argument types, return type); `fallback` says what
+    runs instead when the library cannot be had (FMFORGE_NATIVE=0, no compiler, a failed build).
+    """
     if os.environ.get("FMFORGE_NATIVE", "1") == "0":
-        _status = "off (FMFORGE_NATIVE=0): decode uses torch ops"
-        return None
+        return None, f"off (FMFORGE_NATIVE=0): {fallback}"
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if sys.platform not in ("linux", "darwin") or compiler is None:
-        _status = "no C compiler found: decode uses torch ops (install gcc for faster decoding)"
-        return None
+        return None, f"no C compiler found: {fallback} (install gcc for the native kernels)"
     try:
-        library = ctypes.CDLL(str(build_library(compiler)))
-        for name, (argtypes, restype) in _signatures().items():
-            getattr(library, name).argtypes = argtypes
-            getattr(library, name).restype = restype
+        loaded = ctypes.CDLL(str(build_library(compiler, source_file, name)))
+        for entry, (argtypes, restype) in signatures.items():
+            getattr(loaded, entry).argtypes = argtypes
+            getattr(loaded, entry).restype = restype
     except (OSError, subprocess.SubprocessError, AttributeError) as e:
         detail = getattr(e, "stderr", b"") or b""
         first = detail.decode(errors="replace").strip().splitlines()[:1]
-        _status = f"build failed ({first[0] if first else e}): decode uses torch ops"
-        return None
-    _library = library
-    _status = f"native kernels ({Path(compiler).name}, OpenMP)"
+        return None, f"build failed ({first[0] if first else e}): {fallback}"
+    return loaded, f"native {name} ({Path(compiler).name}, OpenMP)"
+
+
+def library() -> ctypes.CDLL | None:
+    """Return the decode kernel library (built and loaded once per process), or None."""
+    global _library, _status
+    if _status is None:
+        _library, _status = load_library(SOURCE, "kernels", _signatures(), "decode uses torch ops")
     return _library
 
 
