@@ -234,6 +234,25 @@ def _text_field(record: object, where: str, skips: SkipLog) -> str | None:
     return text
 
 
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object) for each non-blank line of a JSONL file of records.
+
+    A line that is not JSON, or not a JSON object, is a DataError naming `file:line`: for labelled
+    data, preferences and inputs a bad record is fatal (corpora count skips instead, below).
+    """
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from e
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object")
+            yield number, record
+
+
 def _read_jsonl(path: Path, name: str, skips: SkipLog) -> Iterator[Document]:
     if _sniff_binary(path, name, skips):
         return

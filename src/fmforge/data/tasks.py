@@ -251,21 +251,16 @@ def take_per_class(examples: list[Example], k: int, labels: list[str]) -> list[E
 
 
 def _read_user_jsonl(path: Path) -> dict[str, list[str]]:
+    from fmforge.data.sources import iter_jsonl
+
     texts: dict[str, list[str]] = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from e
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DataError(f'{path}:{number}: expected an object with a string "text"')
-            label = record.get("label")
-            if not isinstance(label, str | int) or isinstance(label, bool) or str(label) == "":
-                raise DataError(f'{path}:{number}: expected a string "label"')
-            texts.setdefault(str(label), []).append(_clean(record["text"]))
+    for number, record in iter_jsonl(path):
+        if not isinstance(record.get("text"), str):
+            raise DataError(f'{path}:{number}: expected an object with a string "text"')
+        label = record.get("label")
+        if not isinstance(label, str | int) or isinstance(label, bool) or str(label) == "":
+            raise DataError(f'{path}:{number}: expected a string "label"')
+        texts.setdefault(str(label), []).append(_clean(record["text"]))
     if len(texts) < 2:
         raise DataError(f"{path}: a classification task needs at least 2 labels, got {len(texts)}")
     return texts

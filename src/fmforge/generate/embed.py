@@ -95,7 +95,6 @@ def embed_texts(
 
 def read_texts(path: str) -> list[str]:
     """Return the texts of a file: one per line (.txt), or each record's "text" (.jsonl)."""
-    import json
     from pathlib import Path
 
     file = Path(path)
@@ -104,15 +103,11 @@ def read_texts(path: str) -> list[str]:
     lines = file.read_text(encoding="utf-8").splitlines()
     if file.suffix != ".jsonl":
         return [line for line in lines if line.strip()]
+    from fmforge.data.sources import iter_jsonl
+
     texts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{number}: not JSON ({e.msg})") from e
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+    for number, record in iter_jsonl(file):
+        if not isinstance(record.get("text"), str):
             raise UserError(f'{path}:{number}: expected an object with a "text" string')
         texts.append(record["text"])
     return texts

@@ -13,7 +13,6 @@ Notation: B sequences, T padded length, V vocabulary.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fmforge.data.sources import iter_jsonl
 from fmforge.errors import DataError, UserError
 from fmforge.train.objectives import IGNORE_INDEX
 
@@ -90,23 +90,14 @@ def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[
     if not path.is_file():
         raise UserError(f"{path}: no such data file")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from e
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object")
-            missing = [k for k in required if k not in record]
-            if missing:
-                raise DataError(
-                    f"{path}:{number}: missing field {missing[0]!r} "
-                    f"(each record needs {', '.join(required)})"
-                )
-            records.append(record)
+    for number, record in iter_jsonl(path):
+        missing = [k for k in required if k not in record]
+        if missing:
+            raise DataError(
+                f"{path}:{number}: missing field {missing[0]!r} "
+                f"(each record needs {', '.join(required)})"
+            )
+        records.append(record)
     if not records:
         raise DataError(f"{path}: no records")
     return records
