@@ -163,11 +163,34 @@ def test_grpo_unknown_reward(base_dir, tmp_path, capsys):
     one_line_error(code, err, "--reward 'no_such_reward'")
 
 
+def _kill_and_resume(command, run, kill_after, env=None):
+    """Run `command` (a run dir at `run`), SIGKILL it once checkpoints/step-`kill_after` exists,
+    then finish it with --resume auto."""
+    import os
+    import signal
+    import subprocess
+
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
+    wait_until(
+        lambda: (run / "checkpoints" / f"step-{kill_after}").is_dir() or process.poll() is not None,
+        300,
+    )
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (run / "final").exists(), "the run finished before it could be killed"
+    subprocess.run([*command, "--resume", "auto"], check=True, capture_output=True, env=env)
+
+
+def _metric(run, key):
+    return [json.loads(line)[key] for line in (run / "metrics.jsonl").open()]
+
+
 @pytest.mark.slow
 def test_dpo_killed_with_sigkill_resumes_with_identical_losses(base_dir, tmp_path):
     """A real SIGKILL of the command, then --resume auto: the losses equal an uninterrupted run."""
-    import os
-    import signal
     import subprocess
     import sys
 
@@ -182,24 +205,42 @@ def test_dpo_killed_with_sigkill_resumes_with_identical_losses(base_dir, tmp_pat
         ]  # fmt: skip
 
     subprocess.run(command(tmp_path / "whole"), check=True, capture_output=True)
-    killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    wait_until(
-        lambda: (killed / "checkpoints" / "step-4").is_dir() or process.poll() is not None, 300
-    )
-    if process.poll() is None:
-        os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (killed / "final").exists(), "the run finished before it could be killed"
-    subprocess.run([*command(killed), "--resume", "auto"], check=True, capture_output=True)
+    _kill_and_resume(command(tmp_path / "killed"), tmp_path / "killed", 4)
+    assert _metric(tmp_path / "killed", "loss") == _metric(tmp_path / "whole", "loss")
+    assert len(_metric(tmp_path / "killed", "loss")) == 8
 
-    def losses(run):
-        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").open()]
 
-    assert losses(killed) == losses(tmp_path / "whole")
-    assert len(losses(killed)) == 8
+@pytest.mark.slow
+def test_grpo_killed_with_sigkill_resumes_with_identical_losses(base_dir, tmp_path):
+    """GRPO with LoRA, SIGKILLed mid-run and resumed: the rollouts (sampled with the step's seed),
+    rewards, KL and losses equal an uninterrupted run's."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "length_reward.py").write_text(
+        "def reward(text, record):\n    return float(len(text) % 5)\n", encoding="utf-8"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    data = tmp_path / "prompts.jsonl"
+    write_jsonl(data, [{"prompt": r["prompt"]} for r in arithmetic_records(6)])
+
+    def command(out):
+        return [
+            sys.executable, "-m", "fmforge.cli", "posttrain", "grpo", "--base", str(base_dir),
+            "--data", str(data), "--out", str(out), "--lora", "--reward", "length_reward:reward",
+            "--group_size", "4", "--max_new_tokens", "6", "--lr", "1e-2", "--max_steps", "8",
+            "--batch_size", "2", "--checkpoint_every", "2", "--log_every", "1",
+        ]  # fmt: skip
+
+    subprocess.run(command(tmp_path / "whole"), check=True, capture_output=True, env=env)
+    _kill_and_resume(command(tmp_path / "killed"), tmp_path / "killed", 4, env)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert len(_metric(killed, "loss")) == 8
+    for key in ("loss", "reward", "kl", "zero_variance_groups"):
+        assert _metric(killed, key) == _metric(whole, key), key
+    assert _metric(whole, "kl")[-1] > 0  # the adapters moved the policy away from the reference
+    assert len(set(_metric(whole, "reward"))) > 1  # the rollouts differ from step to step
 
 
 def test_dpo_with_precomputed_reference(base_dir, tmp_path, capsys):
