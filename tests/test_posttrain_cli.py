@@ -104,6 +104,28 @@ def test_missing_field_in_a_preference_file(base_dir, tmp_path, capsys):
     one_line_error(code, err, "prefs.jsonl:3: missing field 'chosen'")
 
 
+@pytest.mark.parametrize("recipe", ["dpo", "reward", "grpo", "sft"])
+def test_errors_name_the_real_line_after_blank_lines(recipe, base_dir, tmp_path, capsys):
+    """Blank lines are skipped but still counted: the bad record on line 5 is reported as :5."""
+    good, bad = arithmetic_records(2)
+    if recipe == "grpo":
+        good, bad = {"prompt": good["prompt"]}, {"prompt": 7}
+        needle = "data.jsonl:5: prompt must be a string or a list of messages"
+    elif recipe == "sft":
+        good = {"messages": good["prompt"] + good["chosen"]}
+        bad = {"messages": bad["prompt"] + [{"role": "assistant", "content": ""}]}
+        needle = "data.jsonl:5: messages[1] is an empty assistant turn"
+    else:
+        del bad["rejected"]
+        needle = "data.jsonl:5:"
+    data = tmp_path / "data.jsonl"
+    data.write_text(f"\n{json.dumps(good)}\n\n  \n{json.dumps(bad)}\n", encoding="utf-8")
+    code, _, err = cli(
+        capsys, "posttrain", recipe, "--base", base_dir, "--data", data, "--out", tmp_path / "o"
+    )
+    one_line_error(code, err, needle)
+
+
 def test_empty_assistant_turn(base_dir, tmp_path, capsys):
     data = tmp_path / "sft.jsonl"
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]

@@ -255,7 +255,7 @@ def read_preferences(path: Any, tokenizer: Any, template: Any, max_tokens: int =
     cut away entirely is an error, not a silent skip).
     """
     pairs = []
-    for number, record in enumerate(read_jsonl(path), 1):
+    for number, record in read_jsonl(path):
         chosen, rejected = encode_preference(tokenizer, template, record, f"{path}:{number}")
         if max_tokens:
             chosen = (chosen[0][:max_tokens], chosen[1][:max_tokens])

@@ -89,7 +89,7 @@ Pair = tuple[list[int], list[int], float]  # chosen ids, rejected ids, margin
 def read_reward_pairs(path: Any, tokenizer: Any, template: Any, max_tokens: int = 0) -> list[Pair]:
     """Return (chosen ids, rejected ids, margin) of a JSONL preference file (prompt included)."""
     pairs = []
-    for number, record in enumerate(read_jsonl(path), 1):
+    for number, record in read_jsonl(path):
         where = f"{path}:{number}"
         (chosen, _), (rejected, _) = encode_preference(tokenizer, template, record, where)
         margin = record.get("margin", 0.0)

@@ -207,9 +207,10 @@ def _rollouts(recipe, wrapped, tokenizer, template, pad_id, data, opts):
         reward_fn = reward_model_scorer(opts.reward_model)
     else:
         reward_fn = reward_function(opts.reward)
-    records = read_jsonl(data, required=("prompt",))
+    numbered = read_jsonl(data, required=("prompt",))
+    records = [record for _, record in numbered]
     prompts = []
-    for number, record in enumerate(records, 1):
+    for number, record in numbered:
         prompt = record["prompt"]
         if isinstance(prompt, str):  # a plain completion prompt, ended by EOS
             ids, stop = tokenizer.encode(prompt), [tokenizer.eos_id]

@@ -84,8 +84,11 @@ def encode_text_pair(tokenizer: Any, prompt: str, completion: str) -> tuple[list
     return head + tail, [IGNORE_INDEX] * len(head) + tail
 
 
-def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """Return the JSON objects of a JSONL file; DataError naming the line on a bad record."""
+def read_jsonl(
+    path: str | os.PathLike, required: tuple[str, ...] = ()
+) -> list[tuple[int, dict[str, Any]]]:
+    """Return (line number, object) for each record of a JSONL file (blank lines skipped, so the
+    numbers are the file's own); DataError naming `file:line` on a bad record."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such data file")
@@ -97,7 +100,7 @@ def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[
                 f"{path}:{number}: missing field {missing[0]!r} "
                 f"(each record needs {', '.join(required)})"
             )
-        records.append(record)
+        records.append((number, record))
     if not records:
         raise DataError(f"{path}: no records")
     return records

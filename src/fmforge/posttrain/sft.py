@@ -73,11 +73,12 @@ def chatterbot_records(language: str = "english") -> list[dict[str, Any]]:
     return records
 
 
-def sft_records(data: Any) -> list[dict[str, Any]]:
-    """Return the records of a JSONL file, or of the built-in `chatterbot[:LANGUAGE]` corpus."""
+def sft_records(data: Any) -> list[tuple[int, dict[str, Any]]]:
+    """Return (line number, record) of a JSONL file, or (conversation number, record) of the
+    built-in `chatterbot[:LANGUAGE]` corpus."""
     name = str(data)
     if name.split(":")[0] == "chatterbot" and not Path(name).exists():
-        return chatterbot_records(name.partition(":")[2] or "english")
+        return list(enumerate(chatterbot_records(name.partition(":")[2] or "english"), 1))
     return read_jsonl(data)
 
 
@@ -89,7 +90,7 @@ def read_sft(path: Any, tokenizer: Any, template: Any) -> tuple[list[Example], d
     anywhere, is a one-line DataError.
     """
     examples, skipped = [], 0
-    for number, record in enumerate(sft_records(path), 1):
+    for number, record in sft_records(path):
         try:
             example = encode_sft_record(tokenizer, template, record)
         except DataError as e:
