@@ -19,12 +19,30 @@ def _serve_parser() -> ArgumentParser:
     p = new_parser(
         "Serve a model over the OpenAI API with a playground at / (127.0.0.1 by default)."
     )
-    p.add_argument("model", help="a model dir or a built-in name (fmforge models)")
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="a model dir or a built-in name (fmforge models); with --db, optional: the registry's",
+    )
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0: all)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key-file", default=None, help="file holding the key clients must send")
-    p.add_argument("--db", default=None, help="store URL or SQLite path (default: per-user)")
+    p.add_argument(
+        "--db",
+        default=None,
+        help="store URL or SQLite path (default: per-user); given: serve its model registry",
+    )
     p.add_argument("--no-store", action="store_true", help="record nothing")
+    p.add_argument(
+        "--no-registry", action="store_true", help="with --db: serve MODEL, not the registry's"
+    )
+    p.add_argument(
+        "--poll-registry",
+        type=float,
+        default=2.0,
+        help="seconds between checks of the registry's serving version (0: admin routes only)",
+    )
     p.add_argument("--max-concurrency", type=int, default=4, help="sequences decoded together")
     p.add_argument("--max-queue", type=int, default=16, help="waiting sequences before 429")
     p.add_argument("--metrics", action="store_true", help="expose Prometheus /metrics")
@@ -67,6 +85,8 @@ def _serve(args: Namespace) -> None:
         log_level=args.log_level,
         embeddings=args.embeddings,
         search_index=args.search_index,
+        no_registry=args.no_registry,
+        poll_registry=args.poll_registry,
     )
 
 

@@ -234,6 +234,20 @@ class FeedbackStore:
             n_fb = conn.execute(select(func.count()).select_from(feedback)).scalar_one()
         return {"generations": int(n_gen), "feedback": int(n_fb)}
 
+    def counts_since(self, since: float) -> dict[str, Any]:
+        """Return generations and feedback rows per kind created at or after unix time `since`."""
+        with self.engine.connect() as conn:
+            n_gen = conn.execute(
+                select(func.count()).select_from(generations).where(generations.c.created >= since)
+            ).scalar_one()
+            by_kind = conn.execute(
+                select(feedback.c.kind, func.count())
+                .where(feedback.c.created >= since)
+                .group_by(feedback.c.kind)
+                .order_by(feedback.c.kind)
+            ).all()
+        return {"generations": int(n_gen), "feedback": {kind: int(n) for kind, n in by_kind}}
+
     def close(self) -> None:
         """Release the connection pool."""
         self.engine.dispose()

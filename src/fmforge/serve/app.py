@@ -7,13 +7,15 @@ Prometheus text) and the playground at /. Generation runs on the one scheduler o
 scheduler events into OpenAI JSON or SSE chunks (`serve/responses.py`). The chat prompt and the
 token budget come from the same functions as the library's (`chat_prompt`, `token_budget`).
 Every generation returned is recorded in the feedback store before the client sees its end.
+The model is held in a slot (`serve/versions.py`): a request takes the current slot when admitted
+and keeps it to its end, so a hot swap to another version (/admin/promote, /admin/rollback, or
+polling a model registry) never changes a request midway, and its logged row names its version.
 `serve/run.py` runs it under uvicorn.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import time
@@ -46,6 +48,13 @@ from fmforge.serve.schemas import (
     FeedbackResponse,
     ModelList,
 )
+from fmforge.serve.versions import (
+    ModelSlot,
+    RegistryFollower,
+    Serving,
+    add_admin_routes,
+    open_slot,
+)
 
 log = logging.getLogger("fmforge.serve")
 
@@ -65,41 +74,61 @@ class Settings:
     drain_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     default_max_tokens: int = DEFAULT_MAX_NEW_TOKENS  # when a request omits max_tokens
     retry_after_s: int = 1
+    poll_registry_s: float = 2.0  # with a registry: seconds between checks of its pointer (0: off)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def model_version(loaded: Any) -> str:
-    """Return a short fingerprint of the weights' config, source and tokenizer."""
-    parts = [
-        json.dumps(loaded.config.to_hf_dict(), sort_keys=True, default=str),
-        str(loaded.provenance.get("tokenizer_sha256", "")),
-        str(loaded.provenance.get("fmforge_version", "")),
-        str(loaded.source),
-    ]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-
-
 class Server:
-    """The state behind the routes: model, engine, store, counters."""
+    """The state behind the routes: the serving slot (model + engine), store, counters."""
 
-    def __init__(self, loaded: Any, settings: Settings, store: Any | None) -> None:
-        self.loaded = loaded
-        self.tokenizer = loaded.tokenizer
+    def __init__(
+        self,
+        loaded: Any,
+        settings: Settings,
+        store: Any | None,
+        registry: Any | None = None,
+        version: str | None = None,
+        load_version: Any | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
-        self.version = model_version(loaded)
-        self.fingerprint = "fp_" + self.version[:10]
-        self.context = loaded.config.max_position_embeddings
-        vocab = loaded.config.vocab_size
-        if self.tokenizer is not None:
-            vocab = min(vocab, self.tokenizer.vocab_size)
-        self.vocab = vocab
-        self.engine = BatchEngine(
-            loaded.model, self.tokenizer, settings.max_concurrency, settings.max_queue
-        )
+        self.serving = Serving(self.open(loaded, version))
+        self.follower: RegistryFollower | None = None
+        if registry is not None:
+            if load_version is None:
+                from fmforge.flywheel.registry import load_version
+
+            self.follower = RegistryFollower(
+                self.serving,
+                registry,
+                lambda v: self.open(load_version(v), v.id),
+                settings.poll_registry_s,
+                lambda: self.draining,
+            )
         self.created = int(time.time())
         self.draining = False
         self.requests: dict[tuple[str, int], int] = {}
+
+    def open(self, loaded: Any, version: str | None) -> ModelSlot:
+        """Return a slot (engine not started) for `loaded`, named `version` or its fingerprint."""
+        return open_slot(loaded, version, self.settings.max_concurrency, self.settings.max_queue)
+
+    # The current slot; a request holds on to the slot it was admitted with instead.
+    @property
+    def slot(self) -> ModelSlot:
+        return self.serving.current
+
+    @property
+    def engine(self) -> BatchEngine:
+        return self.serving.current.engine
+
+    @property
+    def loaded(self) -> Any:
+        return self.serving.current.loaded
+
+    @property
+    def version(self) -> str:
+        return self.serving.current.version
 
     # --- checks ---------------------------------------------------------------------------------
 
@@ -113,10 +142,10 @@ class Server:
                 "model_not_found",
             )
 
-    def check_ready(self) -> None:
-        if self.tokenizer is None:
+    def check_ready(self, slot: ModelSlot) -> None:
+        if slot.tokenizer is None:
             raise APIError(400, "this model has no tokenizer; it cannot take text", None)
-        if self.draining or not self.engine.accepting:
+        if self.draining or not slot.engine.accepting:
             raise APIError(
                 503,
                 "The server is shutting down; retry on another instance.",
@@ -125,32 +154,32 @@ class Server:
                 headers={"Retry-After": str(self.settings.retry_after_s)},
             )
 
-    def max_new_tokens(self, prompt_tokens: int, requested: int | None) -> int:
+    def max_new_tokens(self, slot: ModelSlot, prompt_tokens: int, requested: int | None) -> int:
         """Return the completion budget; APIError with OpenAI's message when it doesn't fit."""
         try:
             default = self.settings.default_max_tokens
-            return token_budget(self.context, prompt_tokens, requested, default)
+            return token_budget(slot.context, prompt_tokens, requested, default)
         except UserError as e:
             completion = requested if requested is not None else 1
             total = prompt_tokens + completion
             raise APIError(
                 400,
-                f"This model's maximum context length is {self.context} tokens. However, you "
+                f"This model's maximum context length is {slot.context} tokens. However, you "
                 f"requested {total} tokens ({prompt_tokens} in the messages, {completion} in the "
                 "completion). Please reduce the length of the messages or completion.",
                 "messages",
                 "context_length_exceeded",
             ) from e
 
-    def sampling(self, body: Any) -> Any:
+    def sampling(self, slot: ModelSlot, body: Any) -> Any:
         from fmforge.generate.sampling import SamplingParams
 
         bias: dict[int, float] = {}
         for key, value in (body.logit_bias or {}).items():
-            if not key.isdigit() or not 0 <= int(key) < self.vocab:
+            if not key.isdigit() or not 0 <= int(key) < slot.vocab:
                 raise APIError(
                     400,
-                    f"logit_bias: {key[:40]!r} is not a token id in 0..{self.vocab - 1}",
+                    f"logit_bias: {key[:40]!r} is not a token id in 0..{slot.vocab - 1}",
                     "logit_bias",
                     "invalid_value",
                 )
@@ -172,8 +201,10 @@ class Server:
 
     # --- running requests ------------------------------------------------------------------------
 
-    def submit(self, requests: list[EngineRequest]) -> tuple[list[Any], asyncio.Queue]:
-        """Submit to the engine; return (handles, queue of (index, Event)). 429/503 when full."""
+    def submit(
+        self, slot: ModelSlot, requests: list[EngineRequest]
+    ) -> tuple[list[Any], asyncio.Queue]:
+        """Submit to the slot's engine; return (handles, queue of (index, Event)). 429/503."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -181,7 +212,7 @@ class Server:
             loop.call_soon_threadsafe(events.put_nowait, (index, event))
 
         try:
-            handles = self.engine.submit_many(requests, on_event)
+            handles = slot.engine.submit_many(requests, on_event)
         except QueueFull as e:
             raise APIError(
                 429,
@@ -192,7 +223,7 @@ class Server:
             ) from e
         except NotAccepting as e:
             self.draining = True
-            self.check_ready()
+            self.check_ready(slot)
             raise AssertionError("unreachable") from e
         return handles, events
 
@@ -210,24 +241,33 @@ def create_app(
     settings: Settings | None = None,
     store: Any | None = None,
     embedder: Any | None = None,
+    registry: Any | None = None,
+    version: str | None = None,
+    load_version: Any | None = None,
 ) -> FastAPI:
     """Return the FastAPI app serving `loaded` (a LoadedModel) under `settings`.
 
-    `embedder` (serve/embeddings.py) adds an encoder's /v1/embeddings and /v1/search.
+    `embedder` (serve/embeddings.py) adds an encoder's /v1/embeddings and /v1/search. With a
+    `registry` (flywheel/registry.py), `loaded` is its version `version` and the server follows
+    the registry's serving version (`load_version(Version)` loads one; serve/versions.py).
     """
     settings = settings or Settings()
-    server = Server(loaded, settings, store)
+    server = Server(loaded, settings, store, registry, version, load_version)
 
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         server.engine.start()
+        if server.follower is not None:
+            server.follower.start()
         try:
             yield
         finally:
             server.draining = True
-            await run_in_threadpool(server.engine.shutdown, settings.drain_timeout_s)
+            if server.follower is not None:
+                await server.follower.stop()
+            await run_in_threadpool(server.serving.shutdown, settings.drain_timeout_s)
 
     app = FastAPI(
         title="fmforge",
@@ -247,6 +287,7 @@ def create_app(
         from fmforge.serve.embeddings import embeddings_router
 
         app.include_router(embeddings_router(embedder))
+    add_admin_routes(app, server)
     public = ("/health", "/", "/playground/", "/favicon.ico")
     app.add_middleware(
         GuardMiddleware,
@@ -289,16 +330,17 @@ def create_app(
     @app.post("/v1/chat/completions", response_model=ChatCompletion)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         server.check_model(body.model)
-        server.check_ready()
+        slot = server.slot  # held to the end; no await before its engine takes the request
+        server.check_ready(slot)
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text}
             for m in body.messages
         ]
         try:
-            prompt, stop_ids = chat_prompt(server.tokenizer, messages)
+            prompt, stop_ids = chat_prompt(slot.tokenizer, messages)
         except UserError as e:
             raise APIError(400, str(e), "messages", "invalid_value") from e
-        max_tokens = server.max_new_tokens(len(prompt), body.max_tokens)
+        max_tokens = server.max_new_tokens(slot, len(prompt), body.max_tokens)
         top = body.top_logprobs or 0
         job = responses.Job(
             kind="chat",
@@ -309,22 +351,25 @@ def create_app(
             messages=messages,
             logprobs=top if body.logprobs else None,
             requests=_engine_requests(
-                server, body, [prompt], max_tokens, stop_ids, top, body.logprobs
+                server, slot, body, [prompt], max_tokens, stop_ids, top, body.logprobs
             ),
+            slot=slot,
         )
         return await _run(server, job, request)
 
     @app.post("/v1/completions", response_model=Completion)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         server.check_model(body.model)
-        server.check_ready()
-        prompts, texts = _completion_prompts(server, body.prompt)
-        budgets = [server.max_new_tokens(len(p), body.max_tokens) for p in prompts]
-        stop_ids = stop_ids_of(server.tokenizer)
+        slot = server.slot  # held to the end; no await before its engine takes the request
+        server.check_ready(slot)
+        prompts, texts = _completion_prompts(slot, body.prompt)
+        budgets = [server.max_new_tokens(slot, len(p), body.max_tokens) for p in prompts]
+        stop_ids = stop_ids_of(slot.tokenizer)
         requests = []
         for prompt, budget in zip(prompts, budgets):
             requests += _engine_requests(
                 server,
+                slot,
                 body,
                 [prompt],
                 budget,
@@ -341,6 +386,7 @@ def create_app(
             messages=None,
             logprobs=body.logprobs,
             requests=requests,
+            slot=slot,
         )
         return await _run(server, job, request)
 
@@ -391,6 +437,7 @@ def create_app(
 
 def _engine_requests(
     server: Server,
+    slot: ModelSlot,
     body: Any,
     prompts: list[list[int]],
     max_tokens: int,
@@ -398,7 +445,7 @@ def _engine_requests(
     top_logprobs: int,
     want_logprobs: bool,
 ) -> list[EngineRequest]:
-    params = server.sampling(body)
+    params = server.sampling(slot, body)
     out = []
     for prompt in prompts:
         for choice in range(body.n):
@@ -417,15 +464,15 @@ def _engine_requests(
     return out
 
 
-def _completion_prompts(server: Server, prompt: Any) -> tuple[list[list[int]], list[str]]:
+def _completion_prompts(slot: ModelSlot, prompt: Any) -> tuple[list[list[int]], list[str]]:
     # Normalise the four prompt forms to token-id lists (and their text, for echo).
-    tokenizer = server.tokenizer
+    tokenizer = slot.tokenizer
     if isinstance(prompt, str):
         prompt = [prompt]
     if prompt and isinstance(prompt[0], int):
         prompt = [prompt]
     ids, texts = [], []
-    bos = tokenizer.bos_id if getattr(server.loaded, "add_bos", False) else None
+    bos = tokenizer.bos_id if getattr(slot.loaded, "add_bos", False) else None
     for item in prompt:
         if isinstance(item, str):
             tokens = tokenizer.encode(item)
@@ -433,10 +480,10 @@ def _completion_prompts(server: Server, prompt: Any) -> tuple[list[list[int]], l
             texts.append(item)
         else:
             for token in item:
-                if not 0 <= token < server.vocab:
+                if not 0 <= token < slot.vocab:
                     raise APIError(
                         400,
-                        f"prompt: token id {token} is not in the vocabulary 0..{server.vocab - 1}",
+                        f"prompt: token id {token} is not in the vocabulary 0..{slot.vocab - 1}",
                         "prompt",
                         "invalid_value",
                     )
@@ -448,15 +495,16 @@ def _completion_prompts(server: Server, prompt: Any) -> tuple[list[list[int]], l
 
 
 async def _run(server: Server, job: responses.Job, request: Request) -> Any:
-    handles, events = server.submit(job.requests)
+    handles, events = server.submit(job.slot, job.requests)
     job.started = time.monotonic()
     endpoint = job.kind
+    version = {"X-Model-Version": job.slot.version}
     if job.body.stream:
         server.count(endpoint, 200)
         return StreamingResponse(
             _stream(server, job, handles, events),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **version},
         )
     try:
         while not job.done:
@@ -468,7 +516,7 @@ async def _run(server: Server, job: responses.Job, request: Request) -> Any:
                         handle.cancel()
                     return JSONResponse({}, status_code=499)
                 continue
-            job.add(index, event, server.tokenizer)
+            job.add(index, event, job.slot.tokenizer)
     except asyncio.CancelledError:
         for handle in handles:
             handle.cancel()
@@ -480,7 +528,7 @@ async def _run(server: Server, job: responses.Job, request: Request) -> Any:
     if job.body.store:
         await server.record(responses.store_record(server, job))
     server.count(endpoint, 200)
-    return JSONResponse(body)
+    return JSONResponse(body, headers=version)
 
 
 async def _stream(server: Server, job: responses.Job, handles: list[Any], events: asyncio.Queue):
@@ -490,7 +538,7 @@ async def _stream(server: Server, job: responses.Job, handles: list[Any], events
             yield f"data: {json.dumps(chunk)}\n\n"
         while not job.done:
             index, event = await events.get()
-            delta = job.add(index, event, server.tokenizer)
+            delta = job.add(index, event, job.slot.tokenizer)
             if job.failed:
                 error = APIError(
                     500, "generation failed", type="server_error", code="internal_error"

@@ -25,6 +25,7 @@ class Job:
     messages: list[dict[str, str]] | None
     logprobs: int | None  # None: no logprobs; else how many alternatives per token
     requests: list[Any]
+    slot: Any = None  # the serve.versions.ModelSlot it runs on (its version is logged)
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = 0.0
     failed: bool = False
@@ -124,7 +125,7 @@ def _head(server: Any, job: Job) -> dict[str, Any]:
         "object": obj,
         "created": job.created,
         "model": server.settings.model_name,
-        "system_fingerprint": server.fingerprint,
+        "system_fingerprint": job.slot.fingerprint,
     }
 
 
@@ -216,7 +217,7 @@ def store_record(server: Any, job: Job) -> dict[str, Any]:
         "id": job.id,
         "endpoint": job.kind,
         "model": server.settings.model_name,
-        "model_version": server.version,
+        "model_version": job.slot.version,
         "params": params,
         "messages": job.messages,
         "prompt": prompt,

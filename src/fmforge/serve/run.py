@@ -2,11 +2,17 @@
 
 SIGTERM (or Ctrl-C) stops admission at once (readiness answers 503), lets in-flight requests
 finish within the drain deadline, then exits 0. No child processes are started.
+
+With `--db URL` the server follows the model registry in that database (flywheel/registry.py):
+it serves the registry's serving version (registering MODEL as v0 when the registry is empty),
+logs that version's id with every generation, and hot-swaps to promoted or rolled-back versions
+(serve/versions.py).
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from fmforge.errors import UserError
@@ -16,7 +22,7 @@ log = logging.getLogger("fmforge.serve")
 
 
 def serve(
-    model: str,
+    model: str | None,
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key_file: str | None = None,
@@ -28,8 +34,14 @@ def serve(
     log_level: str = "info",
     embeddings: str | None = None,
     search_index: str | None = None,
+    no_registry: bool = False,
+    poll_registry: float = 2.0,
 ) -> None:
-    """Load `model` and serve it on host:port until SIGTERM/Ctrl-C (which drain in-flight work)."""
+    """Load `model` and serve it on host:port until SIGTERM/Ctrl-C (which drain in-flight work).
+
+    With `db` (and neither `no_store` nor `no_registry`) serve the registry's serving version
+    instead, polling it every `poll_registry` seconds (0: only the admin routes change it).
+    """
     import contextlib
     import os
     import socket
@@ -38,6 +50,11 @@ def serve(
 
     if max_concurrency < 1 or max_queue < 0:
         raise UserError("--max-concurrency must be >= 1 and --max-queue >= 0")
+    if not poll_registry >= 0:
+        raise UserError(f"--poll-registry {poll_registry}: give seconds >= 0 (0: no polling)")
+    follow = db is not None and not no_store and not no_registry
+    if model is None and not follow:
+        raise UserError("give MODEL to serve (or --db URL to serve its registry's version)")
     if not 0 <= port <= 65535:
         raise UserError(f"--port {port} is not a TCP port (0-65535)")
     api_key = None
@@ -58,15 +75,26 @@ def serve(
             raise UserError(
                 f"cannot listen on {host}:{port} ({e.strerror}); pick another --port"
             ) from e
-    store = None
-    if not no_store:
-        from fmforge.flywheel.store import FeedbackStore, redact
+    store = registry = version = None
+    if follow:
+        from fmforge.flywheel.registry import Registry, load_version
 
-        store = FeedbackStore(db)
-        log.info("feedback store: %s", redact(store.url))
-    from fmforge.model.load import load_bundle
+        registry = Registry(db)
+        store = registry.store
+        version, model = _registry_version(registry, model)
+        if version is not None:
+            loaded = load_version(version)
+        else:
+            registry = None
+    if version is None:
+        if not no_store:
+            from fmforge.flywheel.store import FeedbackStore, redact
 
-    loaded = load_bundle(model, kind="decoder")
+            store = FeedbackStore(db)
+            log.info("feedback store: %s", redact(store.url))
+        from fmforge.model.load import load_bundle
+
+        loaded = load_bundle(model, kind="decoder")
     name = model if not os.path.isdir(model) else os.path.basename(os.path.normpath(model))
     settings = Settings(
         model_name=name,
@@ -74,6 +102,7 @@ def serve(
         max_concurrency=max_concurrency,
         max_queue=max_queue,
         metrics=metrics,
+        poll_registry_s=poll_registry,
     )
     embedder = None
     if embeddings is not None:
@@ -82,7 +111,14 @@ def serve(
         embedder = load_embedder(embeddings, search_index, decoder_name=name)
     elif search_index is not None:
         raise UserError("--search-index needs --embeddings ENCODER (the model that built it)")
-    app = create_app(loaded, settings, store, embedder=embedder)
+    app = create_app(
+        loaded,
+        settings,
+        store,
+        embedder=embedder,
+        registry=registry,
+        version=None if version is None else version.id,
+    )
     config = uvicorn.Config(
         app,
         host=host,
@@ -105,5 +141,44 @@ def serve(
                 yield
                 self._captured_signals.clear()
 
-    print(f"fmforge: serving {name} on http://{host}:{port} (playground at /)", flush=True)
+    what = name if version is None else f"{name} version {version.id} (model registry)"
+    print(f"fmforge: serving {what} on http://{host}:{port} (playground at /)", flush=True)
     _Server(config).run()
+
+
+def _spec(model: str) -> str:
+    # A model dir as an absolute path (the registry outlives the working directory); a name as is.
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
+def _registry_version(registry: Any, model: str | None) -> tuple[Any | None, str]:
+    """Return (the version to serve, the base model spec that names the served model).
+
+    An empty registry registers `model` as v0. A registry that already serves keeps serving its
+    version when `model` (if given) is one of its base versions. Any other `model` is served as
+    itself, without the registry (version None): its lineage is not the registry's.
+    """
+    from fmforge.flywheel.store import redact
+
+    serving = registry.serving()
+    if serving is None:
+        if model is None:
+            raise UserError(
+                f"the model registry in {redact(registry.url)} has no version yet; "
+                "give MODEL to register and serve it as v0"
+            )
+        spec = _spec(model)
+        return registry.ensure_base(spec, spec), spec
+    bases = [v for v in registry.list() if v.kind == "base"]
+    specs = {_spec(p) for v in bases for p in (v.base, v.path)}
+    if model is not None and _spec(model) not in specs:
+        known = ", ".join(f"{v.id} ({v.base})" for v in bases) or "none"
+        print(
+            f"fmforge: {model} is not a base of the model registry in {redact(registry.url)} "
+            f"(bases: {known}); serving it without the registry",
+            flush=True,
+        )
+        return None, model
+    root = bases[0].base if bases else serving.base
+    return serving, model if model is not None else root

@@ -1,0 +1,368 @@
+"""Hot swap of model versions in a running server (issue #15, acceptance 3 and parts of 8).
+
+Two tiny random models are the registry's v0 (base) and v1 (a "full" version). While 8 streams
+decode on v0, an admin promotes v1 and then rolls back: no request fails, nothing answers 5xx, the
+8 streams finish on v0 (their header, their logged rows and their tokens say so), the requests in
+between run on v1, and every logged row names the version that produced it. The streams are held
+in flight by pausing v0's engine thread between two scheduler steps, so the test does not depend
+on timing.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from fmforge.generate.engine import chat_prompt, stop_ids_of
+from fmforge.tokenizer import Tokenizer
+from polling import wait_until
+from test_serve_support import MODEL_NAME, ThreadServer, serve_model_dir  # noqa: F401
+
+KEY = "sk-admin-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+STREAMS = 8
+STREAM_TOKENS = 40
+PROMPTS = [
+    "def alpha_1(beta):",
+    "return",
+    "gamma delta value count",
+    "x",
+    "def count_3(index):\n    return index + 4",
+    "# total",
+    "item and more",
+    "beta",
+]
+
+
+@pytest.fixture(scope="module")
+def v1_dir(tmp_path_factory, serve_model_dir) -> Path:  # noqa: F811
+    """Another tiny random model with the same tokenizer: the registry's v1."""
+    from fmforge.model.config import preset_config
+    from fmforge.model.llama import LlamaForCausalLM
+    from fmforge.model.load import save_model_dir
+
+    tokenizer = Tokenizer.load(serve_model_dir)
+    torch.manual_seed(1)
+    # Untied, so its greedy answers differ from v0's (a tied random model echoes its input).
+    config = preset_config("tiny", vocab_size=tokenizer.vocab_size, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    out = tmp_path_factory.mktemp("hotswap") / "v1"
+    save_model_dir(model, tokenizer, out)
+    return out
+
+
+def _registry(db: Path, v0_dir: Path, v1_dir: Path):
+    from fmforge.flywheel.registry import Registry
+
+    registry = Registry(str(db))
+    registry.ensure_base(str(v0_dir), str(v0_dir))
+    registry.register(
+        base=str(v0_dir),
+        path=str(v1_dir),
+        kind="full",
+        parent="v0",
+        dataset_id="sha256:test",
+        gate={"decision": "promote", "by": "test", "metrics": {"win_rate": 0.7}},
+    )
+    return registry
+
+
+def _app(registry, api_key: str | None = KEY, poll_s: float = 0.0, **settings):
+    from fmforge.flywheel.registry import load_version
+    from fmforge.serve.app import Settings, create_app
+
+    serving = registry.serving()
+    config = Settings(
+        model_name=MODEL_NAME,
+        api_key=api_key,
+        max_concurrency=STREAMS,
+        max_queue=32,
+        poll_registry_s=poll_s,
+        **settings,
+    )
+    loaded = load_version(serving)
+    return create_app(loaded, config, registry.store, registry=registry, version=serving.id)
+
+
+def _no_stop_bias(tokenizer, chat: bool) -> dict[str, float]:
+    # Ban every stop token, so each stream runs exactly STREAM_TOKENS tokens ("length").
+    messages = [{"role": "user", "content": "x"}]
+    ids = chat_prompt(tokenizer, messages)[1] if chat else stop_ids_of(tokenizer)
+    return {str(i): -100.0 for i in ids}
+
+
+def _body(i: int, tokenizer, stream: bool) -> tuple[str, dict]:
+    chat = i % 2 == 0
+    body = {
+        "model": MODEL_NAME,
+        "max_tokens": STREAM_TOKENS,
+        "temperature": 0,
+        "logit_bias": _no_stop_bias(tokenizer, chat),
+        "stream": stream,
+    }
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    if chat:
+        return "/v1/chat/completions", {
+            **body,
+            "messages": [{"role": "user", "content": PROMPTS[i]}],
+        }
+    return "/v1/completions", {**body, "prompt": PROMPTS[i]}
+
+
+def _text(choice: dict) -> str:
+    return (
+        choice.get("text")
+        or (choice.get("delta") or choice.get("message") or {}).get("content")
+        or ""
+    )
+
+
+def _hold_after_first_tokens(engine, count: int):
+    """Pause `engine`'s thread once `count` sequences are decoding, until `release` is set."""
+    scheduler = engine.scheduler
+    original = scheduler.step
+    held, release = threading.Event(), threading.Event()
+
+    def step() -> None:
+        original()
+        active = scheduler.active
+        if not release.is_set() and len(active) == count:
+            if all(seq.completion_tokens >= 1 for seq in active):
+                held.set()
+                release.wait(timeout=120)
+
+    scheduler.step = step
+    return held, release
+
+
+def test_promote_then_rollback_under_8_streams(serve_model_dir, v1_dir, tmp_path):  # noqa: F811
+    registry = _registry(tmp_path / "flywheel.db", serve_model_dir, v1_dir)
+    app = _app(registry)
+    server_state = app.state.server
+    tokenizer = Tokenizer.load(serve_model_dir)
+    held, release = _hold_after_first_tokens(server_state.engine, STREAMS)
+    results: list[dict] = [{} for _ in range(STREAMS)]
+    statuses: list[int] = []
+
+    with ThreadServer(app) as server:
+
+        def stream(i: int) -> None:
+            path, body = _body(i, tokenizer, stream=True)
+            out = results[i]
+            with httpx.stream("POST", server.url + path, json=body, headers=AUTH, timeout=120) as r:
+                out["status"], out["version"] = r.status_code, r.headers.get("x-model-version")
+                events = [e for e in r.read().decode().split("\n\n") if e]
+            out["done"] = events[-1] == "data: [DONE]"
+            chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+            out["errors"] = [c for c in chunks if "error" in c]
+            out["ids"] = {c.get("id") for c in chunks}
+            out["fingerprints"] = {c.get("system_fingerprint") for c in chunks}
+            out["text"] = "".join(_text(c["choices"][0]) for c in chunks if c.get("choices"))
+            out["finish"] = [c["choices"][0]["finish_reason"] for c in chunks if c.get("choices")]
+            out["usage"] = [c["usage"] for c in chunks if c.get("usage")]
+
+        def request(i: int) -> httpx.Response:
+            path, body = _body(i, tokenizer, stream=False)
+            response = httpx.post(server.url + path, json=body, headers=AUTH, timeout=60)
+            statuses.append(response.status_code)
+            return response
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(STREAMS)]
+        for t in threads:
+            t.start()
+        assert held.wait(timeout=60), "the 8 streams never all decoded on v0"
+
+        promoted = httpx.post(
+            server.url + "/admin/promote", json={"version": "v1"}, headers=AUTH, timeout=60
+        )
+        assert promoted.status_code == 200, promoted.text
+        assert promoted.json() == {
+            "object": "serving",
+            "version": "v1",
+            "previous": "v0",
+            "changed": True,
+        }
+        on_v1 = [request(i) for i in range(4)]
+        rolled = httpx.post(server.url + "/admin/rollback", headers=AUTH, timeout=60)
+        assert rolled.status_code == 200, rolled.text
+        assert (rolled.json()["version"], rolled.json()["previous"]) == ("v0", "v1")
+        on_v0_again = [request(i) for i in range(4)]
+        # The 8 streams are still in flight on the first v0 engine, across both swaps.
+        assert not any(r.get("done") for r in results)
+        versions = httpx.get(server.url + "/admin/versions", headers=AUTH, timeout=30).json()
+        assert versions["serving"]["version"] == "v0"
+        assert versions["serving"]["in_flight"]["v0"] >= STREAMS
+
+        release.set()
+        for t in threads:
+            t.join(timeout=120)
+        # After the streams end, the retired engines (first v0, then v1) are released.
+        assert wait_until(lambda: not server_state.serving.retiring, timeout=30)
+        solo_v0 = [request(i) for i in range(STREAMS)]
+
+    # 0 failed requests, 0 5xx.
+    assert [r["status"] for r in results] == [200] * STREAMS
+    assert statuses == [200] * len(statuses) and len(statuses) == 4 + 4 + STREAMS
+    assert not any(status >= 500 for (_, status) in server_state.requests)
+    for i, r in enumerate(results):
+        assert r["done"] and not r["errors"], (i, r)
+        assert r["finish"][-1] == "length", (i, r["finish"])
+        assert r["usage"][-1]["completion_tokens"] == STREAM_TOKENS
+        assert len(r["ids"]) == 1 and len(r["fingerprints"]) == 1
+        # They started on v0 and finished there: the header, and v0's own greedy tokens.
+        assert r["version"] == "v0"
+        assert r["text"] == _text(solo_v0[i].json()["choices"][0]), i
+    for response in on_v1:
+        assert response.headers["x-model-version"] == "v1"
+    for response in on_v0_again + solo_v0:
+        assert response.headers["x-model-version"] == "v0"
+    # The test could tell the versions apart: v1 answers differently from v0.
+    assert any(
+        _text(a.json()["choices"][0]) != _text(b.json()["choices"][0])
+        for a, b in zip(on_v1, solo_v0)
+    )
+    fingerprints = {r["fingerprints"].pop() for r in results}
+    assert len(fingerprints) == 1
+    assert on_v1[0].json()["system_fingerprint"] not in fingerprints
+
+    # Every logged row names the version that produced it.
+    rows = {row["id"]: row["model_version"] for row in registry.store.list_generations()}
+    expected = {r["ids"].pop(): "v0" for r in results}
+    expected |= {resp.json()["id"]: "v1" for resp in on_v1}
+    expected |= {resp.json()["id"]: "v0" for resp in on_v0_again + solo_v0}
+    assert rows == expected
+    history = [(e["version"], e["action"], e["by"]) for e in registry.history()]
+    assert history == [
+        ("v0", "promote", "ensure_base"),
+        ("v1", "promote", "admin-api"),
+        ("v0", "rollback", "admin-api"),
+    ]
+
+
+def test_polling_follows_promotions_made_elsewhere(serve_model_dir, v1_dir, tmp_path):  # noqa: F811
+    from fmforge.flywheel.registry import Registry
+
+    db = tmp_path / "flywheel.db"
+    registry = _registry(db, serve_model_dir, v1_dir)
+    app = _app(registry, poll_s=0.02)
+    other = Registry(str(db))  # another process's handle, as `fmforge flywheel promote` holds
+    chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    with TestClient(app, headers=AUTH) as client:
+
+        def serving() -> str:
+            return client.get("/admin/versions").json()["serving"]["version"]
+
+        first = client.post("/v1/chat/completions", json=chat)
+        assert first.headers["x-model-version"] == "v0"
+        feedback = {"generation_id": first.json()["id"], "kind": "thumbs", "value": "up"}
+        assert client.post("/v1/feedback", json=feedback).status_code == 200
+        other.promote("v1", by="cli")
+        assert wait_until(lambda: serving() == "v1", timeout=30)
+        second = client.post("/v1/chat/completions", json=chat)
+        assert second.headers["x-model-version"] == "v1"
+        report = client.get("/admin/versions").json()
+        # Feedback counts since v1 was promoted: the thumbs-up was on v0, before it.
+        assert report["serving"]["feedback_since"] == {}
+        assert report["serving"]["generations_since"] == 1
+        assert [v["id"] for v in report["versions"]] == ["v1", "v0"]
+        assert report["versions"][0]["gate"]["metrics"] == {"win_rate": 0.7}
+        assert [e["version"] for e in report["history"]] == ["v0", "v1"]
+        other.rollback(by="cli")
+        assert wait_until(lambda: serving() == "v0", timeout=30)
+        third = client.post("/v1/chat/completions", json=chat)
+        assert third.headers["x-model-version"] == "v0"
+    rows = {r["id"]: r["model_version"] for r in registry.store.list_generations()}
+    assert rows == {
+        first.json()["id"]: "v0",
+        second.json()["id"]: "v1",
+        third.json()["id"]: "v0",
+    }
+
+
+def test_admin_errors_change_nothing(serve_model_dir, v1_dir, tmp_path):  # noqa: F811
+    registry = _registry(tmp_path / "flywheel.db", serve_model_dir, v1_dir)
+    broken = registry.register(
+        base=str(serve_model_dir), path=str(tmp_path / "gone"), kind="full", parent="v0"
+    )
+    app = _app(registry)
+    before = registry.history()
+    with TestClient(app) as client:
+        for method, path in [
+            ("POST", "/admin/promote"),
+            ("POST", "/admin/rollback"),
+            ("GET", "/admin/versions"),
+        ]:
+            for headers in ({}, {"Authorization": "Bearer wrong"}):
+                r = client.request(method, path, json={"version": "v1"}, headers=headers)
+                assert r.status_code == 401, (path, headers)
+                assert r.json()["error"]["code"] == "invalid_api_key"
+                assert r.headers["www-authenticate"] == "Bearer"
+
+        def error(response, status: int, code: str) -> str:
+            assert response.status_code == status, response.text
+            body = response.json()["error"]
+            assert body["code"] == code and body["type"]
+            return body["message"]
+
+        unknown = client.post("/admin/promote", json={"version": "v9"}, headers=AUTH)
+        assert "v9" in error(unknown, 404, "version_not_found")
+        not_loadable = client.post("/admin/promote", json={"version": broken.id}, headers=AUTH)
+        assert broken.id in error(not_loadable, 400, "version_load_failed")
+        nothing_earlier = client.post("/admin/rollback", headers=AUTH)
+        error(nothing_earlier, 400, "nothing_to_roll_back")
+        for bad in ({}, {"version": 1}, {"version": "v1", "by": "me"}):
+            r = client.post("/admin/promote", json=bad, headers=AUTH)
+            assert r.status_code == 400, bad
+        # Nothing half-switched: the registry and the server still serve v0.
+        assert registry.history() == before
+        versions = client.get("/admin/versions", headers=AUTH).json()
+        assert versions["serving"]["version"] == "v0"
+        assert not app.state.server.serving.retiring
+        chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}]}
+        ok = client.post("/v1/chat/completions", json={**chat, "max_tokens": 3}, headers=AUTH)
+        assert ok.status_code == 200 and ok.headers["x-model-version"] == "v0"
+
+
+def test_admin_needs_a_key_and_a_registry(serve_model_dir, v1_dir, tmp_path):  # noqa: F811
+    from test_serve_support import make_app
+
+    registry = _registry(tmp_path / "flywheel.db", serve_model_dir, v1_dir)
+    with TestClient(_app(registry, api_key=None)) as client:
+        r = client.post("/admin/promote", json={"version": "v1"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
+        assert client.get("/admin/versions").json()["serving"]["version"] == "v0"
+    assert registry.serving().id == "v0"
+    app, _ = make_app(serve_model_dir, api_key=KEY)
+    with TestClient(app, headers=AUTH) as client:
+        r = client.post("/admin/promote", json={"version": "v1"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "no_registry"
+        report = client.get("/admin/versions").json()
+        assert report["registry"] is False and report["versions"] == []
+        assert report["serving"]["version"] == app.state.server.version  # the fingerprint
+
+
+def test_serve_cli_registers_the_model_as_v0_and_logs_it(serve_model_dir, tmp_path):  # noqa: F811
+    from fmforge.cli import main
+    from fmforge.flywheel.registry import Registry
+    from test_serve_support import start_server
+
+    db = str(tmp_path / "flywheel.db")
+    assert main(["serve", "--db", db, "--port", "0"]) == 2  # an empty registry needs MODEL
+    server = start_server(serve_model_dir, db, "--poll-registry", "0.1")
+    try:
+        chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}]}
+        r = httpx.post(server.url + "/v1/chat/completions", json={**chat, "max_tokens": 3})
+        assert r.status_code == 200 and r.headers["x-model-version"] == "v0"
+    finally:
+        assert server.stop() == 0
+    registry = Registry(db)
+    assert [v.id for v in registry.list()] == ["v0"]
+    assert registry.get("v0").path == str(Path(serve_model_dir).resolve())
+    assert [g["model_version"] for g in registry.store.list_generations()] == ["v0"]
