@@ -366,3 +366,63 @@ def test_serve_cli_registers_the_model_as_v0_and_logs_it(serve_model_dir, tmp_pa
     assert [v.id for v in registry.list()] == ["v0"]
     assert registry.get("v0").path == str(Path(serve_model_dir).resolve())
     assert [g["model_version"] for g in registry.store.list_generations()] == ["v0"]
+
+
+def test_playground_shows_the_serving_version_and_its_history(
+    serve_model_dir,  # noqa: F811
+    v1_dir,
+    tmp_path,
+):
+    import os
+    import shutil
+
+    playwright = pytest.importorskip("playwright.sync_api")
+    from test_playground import CHROMIUM, FLAGS
+
+    if not os.path.exists(CHROMIUM) and not shutil.which("chromium"):
+        pytest.skip("Debian's chromium is not installed")
+    registry = _registry(tmp_path / "flywheel.db", serve_model_dir, v1_dir)
+    markup = registry.register(
+        base=str(serve_model_dir),
+        path=str(v1_dir),
+        kind="full",
+        parent="v1",
+        gate={"decision": "reject", "by": "<b>gate</b>", "metrics": {"<i>m</i>": 0.25}},
+        status="rejected",
+    )
+    app = _app(registry)
+    chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+
+    def panel(page) -> str:
+        page.dispatch_event("#api_key", "change")  # refreshes the panel now
+        return page.inner_text("#serving")
+
+    with ThreadServer(app) as server, playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.fill("#api_key", KEY)
+            assert wait_until(lambda: "Serving v0" in panel(page), timeout=30)
+            assert "none yet" in page.inner_text("#serving")
+            httpx.post(server.url + "/admin/promote", json={"version": "v1"}, headers=AUTH)
+            answer = httpx.post(server.url + "/v1/chat/completions", json=chat, headers=AUTH)
+            feedback = {"generation_id": answer.json()["id"], "kind": "thumbs", "value": "up"}
+            httpx.post(server.url + "/v1/feedback", json=feedback, headers=AUTH)
+            assert wait_until(lambda: "1 thumbs" in panel(page), timeout=30)
+            assert "Serving v1" in page.inner_text("#serving")
+            assert page.inner_text("#model-version") == "version v1"
+            rows = page.locator("#version-table tbody tr")
+            assert rows.count() == 3
+            assert page.inner_text("#version-table tr.serving td") == "v1"
+            table = page.inner_text("#version-table")
+            assert "promote by test" in table and "win_rate=0.7" in table
+            assert f"{markup.id}\tv1\trejected\treject by <b>gate</b>\t<i>m</i>=0.25" in table
+            assert page.locator("#version-table b, #version-table i").count() == 0  # text only
+            history = page.locator("#version-history li")
+            assert history.count() == 2 and "promote v1 by admin-api" in history.first.inner_text()
+            page.screenshot(path=str(tmp_path / "versions.png"), full_page=True)
+        finally:
+            browser.close()
+    if os.environ.get("FMFORGE_SCREENSHOT"):
+        shutil.copy(tmp_path / "versions.png", os.environ["FMFORGE_SCREENSHOT"])

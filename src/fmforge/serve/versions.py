@@ -246,10 +246,9 @@ class RegistryFollower:
             slot = await self._admin_load(version)
             try:
                 await run_in_threadpool(self.registry.promote, version.id, by)
-            except UserError as e:
-                if slot is not None:
-                    await run_in_threadpool(slot.engine.shutdown, 0.0)
-                raise APIError(400, str(e), "version", "invalid_value") from e
+            except Exception as e:
+                await _discard(slot)
+                raise _registry_error(e, "version", "invalid_value") from e
             if slot is not None:
                 self._switch(slot)
             return _changed(version.id, previous, True)
@@ -263,16 +262,15 @@ class RegistryFollower:
             slot = await self._admin_load(target) if target is not None else None
             try:
                 version = await run_in_threadpool(self.registry.rollback, by)
-            except UserError as e:
-                if slot is not None:
-                    await run_in_threadpool(slot.engine.shutdown, 0.0)
-                raise APIError(400, str(e), None, "nothing_to_roll_back") from e
+            except Exception as e:
+                await _discard(slot)
+                raise _registry_error(e, None, "nothing_to_roll_back") from e
             if version.id == previous:
+                await _discard(slot)
                 return _changed(version.id, previous, False)
             if slot is None or slot.version != version.id:
                 # Another process changed the registry between the two reads: serve its choice.
-                if slot is not None:
-                    await run_in_threadpool(slot.engine.shutdown, 0.0)
+                await _discard(slot)
                 slot = await self._admin_load(version)
             self._switch(slot)
             return _changed(version.id, previous, True)
@@ -308,6 +306,25 @@ class RegistryFollower:
         keep += ("log_window", "feedback_counts", "gate")
         rows = [{k: getattr(v, k) for k in keep} for v in self.registry.list()]
         return sorted(rows, key=lambda r: r["created"], reverse=True)
+
+
+async def _discard(slot: ModelSlot | None) -> None:
+    # A loaded version that will not serve: stop its (idle) engine thread.
+    if slot is not None:
+        await run_in_threadpool(slot.engine.shutdown, 0.0)
+
+
+def _registry_error(error: Exception, param: str | None, code: str) -> APIError:
+    # A refusal by the registry is the caller's (400); a database failure is temporary (503).
+    if isinstance(error, UserError):
+        return APIError(400, str(error), param, code)
+    log.error("model registry write failed: %s", " ".join(str(error).split())[:300])
+    return APIError(
+        503,
+        "The model registry could not be written; the served version is unchanged. Retry shortly.",
+        code="registry_unavailable",
+        type="server_error",
+    )
 
 
 def _changed(version: str, previous: str, changed: bool) -> dict[str, Any]:
