@@ -251,7 +251,7 @@ def test_polling_follows_promotions_made_elsewhere(serve_model_dir, v1_dir, tmp_
 
     db = tmp_path / "flywheel.db"
     registry = _registry(db, serve_model_dir, v1_dir)
-    app = _app(registry, poll_s=0.02)
+    app = _app(registry, poll_s=0.02, metrics=True)
     other = Registry(str(db))  # another process's handle, as `fmforge flywheel promote` holds
     chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     with TestClient(app, headers=AUTH) as client:
@@ -267,6 +267,11 @@ def test_polling_follows_promotions_made_elsewhere(serve_model_dir, v1_dir, tmp_
         assert wait_until(lambda: serving() == "v1", timeout=30)
         second = client.post("/v1/chat/completions", json=chat)
         assert second.headers["x-model-version"] == "v1"
+        metrics = client.get("/metrics").text
+        assert 'fmforge_serving_version_info{version="v1"} 1' in metrics
+        # Counters keep counting across versions: both answers' tokens are in the total.
+        tokens = sum(r.json()["usage"]["completion_tokens"] for r in (first, second))
+        assert f"fmforge_generated_tokens_total {tokens}\n" in metrics
         report = client.get("/admin/versions").json()
         # Feedback counts since v1 was promoted: the thumbs-up was on v0, before it.
         assert report["serving"]["feedback_since"] == {}

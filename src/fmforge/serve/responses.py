@@ -242,6 +242,7 @@ def model_card(server: Any) -> dict[str, Any]:
 def prometheus(server: Any) -> str:
     """Return the Prometheus text exposition of the server's counters and gauges."""
     load = server.engine.load()
+    totals = server.serving.totals()
     lines = [
         "# HELP fmforge_requests_total Generation requests by endpoint and status.",
         "# TYPE fmforge_requests_total counter",
@@ -257,9 +258,12 @@ def prometheus(server: Any) -> str:
         f"fmforge_waiting_sequences {load['waiting']}",
         "# HELP fmforge_generated_tokens_total Tokens generated.",
         "# TYPE fmforge_generated_tokens_total counter",
-        f"fmforge_generated_tokens_total {server.engine.tokens_generated}",
+        f"fmforge_generated_tokens_total {totals['tokens']}",
         "# HELP fmforge_decode_steps_total Batched decode steps run.",
         "# TYPE fmforge_decode_steps_total counter",
-        f"fmforge_decode_steps_total {server.engine.steps}",
+        f"fmforge_decode_steps_total {totals['steps']}",
+        "# HELP fmforge_serving_version_info The model version new requests run on.",
+        "# TYPE fmforge_serving_version_info gauge",
+        f'fmforge_serving_version_info{{version="{server.version}"}} 1',
     ]
     return "\n".join(lines) + "\n"

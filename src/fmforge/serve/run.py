@@ -12,7 +12,6 @@ logs that version's id with every generation, and hot-swaps to promoted or rolle
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from fmforge.errors import UserError
@@ -146,12 +145,6 @@ def serve(
     _Server(config).run()
 
 
-def _spec(model: str) -> str:
-    # A model dir as an absolute path (the registry outlives the working directory); a name as is.
-    path = Path(model).expanduser()
-    return str(path.resolve()) if path.exists() else model
-
-
 def _registry_version(registry: Any, model: str | None) -> tuple[Any | None, str]:
     """Return (the version to serve, the base model spec that names the served model).
 
@@ -159,6 +152,7 @@ def _registry_version(registry: Any, model: str | None) -> tuple[Any | None, str
     version when `model` (if given) is one of its base versions. Any other `model` is served as
     itself, without the registry (version None): its lineage is not the registry's.
     """
+    from fmforge.flywheel.cycle import model_spec
     from fmforge.flywheel.store import redact
 
     serving = registry.serving()
@@ -168,11 +162,11 @@ def _registry_version(registry: Any, model: str | None) -> tuple[Any | None, str
                 f"the model registry in {redact(registry.url)} has no version yet; "
                 "give MODEL to register and serve it as v0"
             )
-        spec = _spec(model)
+        spec = model_spec(model)
         return registry.ensure_base(spec, spec), spec
     bases = [v for v in registry.list() if v.kind == "base"]
-    specs = {_spec(p) for v in bases for p in (v.base, v.path)}
-    if model is not None and _spec(model) not in specs:
+    specs = {model_spec(p) for v in bases for p in (v.base, v.path)}
+    if model is not None and model_spec(model) not in specs:
         known = ", ".join(f"{v.id} ({v.base})" for v in bases) or "none"
         print(
             f"fmforge: {model} is not a base of the model registry in {redact(registry.url)} "

@@ -91,6 +91,7 @@ class Serving:
         self.since = time.time()  # when `current` started serving here
         self.retiring: dict[int, ModelSlot] = {}  # id(slot) -> slot
         self.tasks: set[asyncio.Task] = set()
+        self.released = {"steps": 0, "tokens": 0}  # counters of the engines already released
 
     def switch(self, slot: ModelSlot) -> ModelSlot:
         """Serve `slot` (its engine started) from now on; retire the old one; return the old."""
@@ -108,12 +109,22 @@ class Serving:
         while not slot.engine.idle():
             await asyncio.sleep(RETIRE_POLL_S)
         await run_in_threadpool(slot.engine.shutdown, 0.0)
+        self.released["steps"] += slot.engine.steps
+        self.released["tokens"] += slot.engine.tokens_generated
         self.retiring.pop(id(slot), None)
         log.info("released version %s", slot.version)
 
     def slots(self) -> list[ModelSlot]:
         """Return the current slot, then the retiring ones."""
         return [self.current, *self.retiring.values()]
+
+    def totals(self) -> dict[str, int]:
+        """Return scheduler steps and generated tokens over every version served (for /metrics)."""
+        slots = self.slots()
+        return {
+            "steps": self.released["steps"] + sum(s.engine.steps for s in slots),
+            "tokens": self.released["tokens"] + sum(s.engine.tokens_generated for s in slots),
+        }
 
     def in_flight(self) -> dict[str, int]:
         """Return active + waiting sequences per version (current and retiring)."""
