@@ -291,6 +291,48 @@ def test_polling_follows_promotions_made_elsewhere(serve_model_dir, v1_dir, tmp_
     }
 
 
+def test_a_lora_version_is_merged_into_its_base_and_served(
+    serve_model_dir,  # noqa: F811
+    v1_dir,
+    tmp_path,
+):
+    from fmforge.adapt.lora import apply_lora, base_fingerprint, save_lora_adapter
+    from fmforge.model.load import load_bundle
+
+    registry = _registry(tmp_path / "flywheel.db", serve_model_dir, v1_dir)
+    base = load_bundle(str(serve_model_dir), kind="decoder")
+    fingerprint = base_fingerprint(base.model, base.tokenizer)
+    apply_lora(base.model, ("q_proj", "v_proj", "o_proj"), r=4, alpha=8.0)
+    torch.manual_seed(2)
+    for name, p in base.model.named_parameters():
+        if ".lora_B" in name:
+            p.data.normal_(0, 0.5)
+    save_lora_adapter(base.model, tmp_path / "adapter", str(serve_model_dir), fingerprint)
+    lora = registry.register(
+        base=str(serve_model_dir),
+        path=str(tmp_path / "adapter"),
+        kind="lora",
+        parent="v0",
+        dataset_id="sha256:lora",
+    )
+    app = _app(registry)
+    chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    with TestClient(app, headers=AUTH) as client:
+        before = app.state.server.loaded.model.state_dict()
+        r = client.post("/admin/promote", json={"version": lora.id})
+        assert r.status_code == 200 and r.json()["version"] == lora.id
+        after = app.state.server.loaded.model.state_dict()
+        answer = client.post("/v1/chat/completions", json=chat)
+        assert answer.headers["x-model-version"] == lora.id
+    # Merged: the adapted projections moved, the rest of the base did not, no LoRA layers left.
+    assert set(after) == set(before)
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    adapted = ("q_proj.weight", "v_proj.weight", "o_proj.weight")
+    assert moved == {k for k in before if k.endswith(adapted)} and len(moved) == 3 * 2
+    row = registry.store.get_generation(answer.json()["id"])
+    assert row["model_version"] == lora.id
+
+
 def test_admin_errors_change_nothing(serve_model_dir, v1_dir, tmp_path):  # noqa: F811
     registry = _registry(tmp_path / "flywheel.db", serve_model_dir, v1_dir)
     broken = registry.register(
@@ -353,24 +395,36 @@ def test_admin_needs_a_key_and_a_registry(serve_model_dir, v1_dir, tmp_path):  #
         assert report["serving"]["version"] == app.state.server.version  # the fingerprint
 
 
-def test_serve_cli_registers_the_model_as_v0_and_logs_it(serve_model_dir, tmp_path):  # noqa: F811
+def test_serve_cli_follows_the_registry_it_registered_v0_in(
+    serve_model_dir,  # noqa: F811
+    v1_dir,
+    tmp_path,
+):
     from fmforge.cli import main
     from fmforge.flywheel.registry import Registry
     from test_serve_support import start_server
 
     db = str(tmp_path / "flywheel.db")
     assert main(["serve", "--db", db, "--port", "0"]) == 2  # an empty registry needs MODEL
-    server = start_server(serve_model_dir, db, "--poll-registry", "0.1")
+    server = start_server(serve_model_dir, db, "--poll-registry", "0.05")
+    chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+
+    def version() -> str:
+        r = httpx.post(server.url + "/v1/chat/completions", json=chat, timeout=30)
+        assert r.status_code == 200
+        return r.headers["x-model-version"]
+
     try:
-        chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}]}
-        r = httpx.post(server.url + "/v1/chat/completions", json={**chat, "max_tokens": 3})
-        assert r.status_code == 200 and r.headers["x-model-version"] == "v0"
+        assert version() == "v0"
+        registry = Registry(db)  # as `fmforge flywheel cycle` and `promote` write it
+        assert registry.get("v0").path == str(Path(serve_model_dir).resolve())
+        registry.register(base=registry.get("v0").base, path=str(v1_dir), kind="full", parent="v0")
+        registry.promote("v1", by="cli")
+        assert wait_until(lambda: version() == "v1", timeout=30, interval=0.05)
     finally:
         assert server.stop() == 0
-    registry = Registry(db)
-    assert [v.id for v in registry.list()] == ["v0"]
-    assert registry.get("v0").path == str(Path(serve_model_dir).resolve())
-    assert [g["model_version"] for g in registry.store.list_generations()] == ["v0"]
+    rows = [g["model_version"] for g in registry.store.list_generations()]
+    assert set(rows) == {"v0", "v1"} and rows[0] == "v1"  # newest first
 
 
 def test_playground_shows_the_serving_version_and_its_history(
