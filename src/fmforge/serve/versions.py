@@ -69,8 +69,10 @@ class ModelSlot:
 def open_slot(loaded: Any, version: str | None, slots: int, max_queue: int) -> ModelSlot:
     """Return a slot for `loaded` (engine built, not started); `version` None: the fingerprint."""
     weights = weights_fingerprint(loaded)
+    fingerprint = "fp_" + weights[:10]
+    if version is not None:  # a registry version: its id and weights pick the fingerprint
+        fingerprint = "fp_" + hashlib.sha256(f"{version}\n{weights}".encode()).hexdigest()[:10]
     version = version or weights
-    fingerprint = "fp_" + hashlib.sha256(f"{version}\n{weights}".encode()).hexdigest()[:10]
     vocab = loaded.config.vocab_size
     if loaded.tokenizer is not None:
         vocab = min(vocab, loaded.tokenizer.vocab_size)
