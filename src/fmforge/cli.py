@@ -24,6 +24,7 @@ from fmforge.commands import (  # noqa: F401
     cost,
     curate,
     encoder,
+    flywheel,
     generation,
     pipeline,
     posttrain,
@@ -36,8 +37,8 @@ from fmforge.errors import UserError
 # Top-level commands in lifecycle order for --help.
 HELP_ORDER = ["quickstart", "tokenizer", "data", "pretrain", "generate", "chat", "fill", "embed",
               "search", "quantize", "export",
-              "adapt", "posttrain", "eval", "experiment", "serve", "feedback", "cost", "scaling",
-              "models", "env"]  # fmt: skip
+              "adapt", "posttrain", "eval", "experiment", "serve", "feedback", "flywheel", "cost",
+              "scaling", "models", "env"]  # fmt: skip
 
 
 def build_parser() -> ArgumentParser:
