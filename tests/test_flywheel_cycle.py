@@ -22,6 +22,7 @@ from fmforge.flywheel.cycle import CycleConfig, gate, run_cycle
 from fmforge.flywheel.registry import Registry, load_version
 from fmforge.flywheel.store import FeedbackStore
 from polling import wait_until
+from test_flywheel_registry import db_url  # noqa: F401
 from test_serve_support import serve_model_dir  # noqa: F401
 
 TINY = dict(
@@ -82,10 +83,11 @@ def one_line_error(code, err, needle):
 
 def test_cycle_registers_a_candidate_with_lineage_that_loads_in_peft(
     tmp_path,
+    db_url,  # noqa: F811
     serve_model_dir,  # noqa: F811
     capsys,
 ):
-    db = str(tmp_path / "fb.db")
+    db = db_url  # SQLite, and PostgreSQL when FMFORGE_TEST_POSTGRES_URL reaches one
     _feedback(db)
     code, out, err = cli(
         capsys, "flywheel", "cycle", "--db", db, "--serving", serve_model_dir,

@@ -16,6 +16,7 @@ from fmforge.flywheel.registry import (
     registry_metadata,
     registry_schema,
 )
+from fmforge.flywheel.store import FeedbackStore, metadata
 from test_serve_support import serve_model_dir  # noqa: F401
 
 POSTGRES_URL = os.environ.get("FMFORGE_TEST_POSTGRES_URL")
@@ -39,9 +40,10 @@ def db_url(request, tmp_path):
         return str(tmp_path / "feedback.db")
     if not _postgres_reachable():
         pytest.skip("no PostgreSQL server (set FMFORGE_TEST_POSTGRES_URL)")
-    registry = Registry(POSTGRES_URL)
-    registry_metadata.drop_all(registry.engine)  # each test starts from empty tables
-    registry.close()
+    store = FeedbackStore(POSTGRES_URL)  # not Registry: a test may leave a newer schema behind
+    registry_metadata.drop_all(store.engine)  # each test starts from empty tables
+    metadata.drop_all(store.engine)
+    store.close()
     return POSTGRES_URL
 
 
