@@ -1,0 +1,58 @@
+"""`fmforge experiment rl`: the task and its rule, the win-rate interval, and the CI version (GRPO
+on a tiny random-init model rewarded for code that compiles)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fmforge.experiments.rl import (
+    arithmetic_task,
+    head_to_head,
+    run_rl_tiny,
+    task_score,
+    wilson_interval,
+)
+
+
+def test_train_and_heldout_prompts_are_disjoint_and_seeded():
+    train, held = arithmetic_task(300, 200, seed=0)
+    assert len(train) == 300 and len(held) == 200
+    questions = [r["prompt"][0]["content"] for r in train + held]
+    assert len(set(questions)) == 500
+    again, _ = arithmetic_task(300, 200, seed=0)
+    assert again == train
+    a, b = (int(w.rstrip("?")) for w in held[0]["prompt"][0]["content"].split()[2:5:2])
+    assert held[0]["answer"] == str(a + b)
+
+
+def test_task_rule_strict_lenient_wrong():
+    record = {"answer": "42"}
+    assert task_score(" 42\n", record) == 1.0
+    assert task_score("The answer is 42.", record) == 0.5
+    assert task_score("The answer is 142.", record) == 0.0
+    assert task_score("4.2", record) == 0.0
+
+
+def test_wilson_interval_golden_values():
+    low, high = wilson_interval(60, 100)  # textbook: 0.502 - 0.691
+    assert low == pytest.approx(0.5020, abs=1e-4) and high == pytest.approx(0.6906, abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_head_to_head_counts_only_prompts_that_differ():
+    records = [{"answer": str(i)} for i in range(4)]
+    a = ["0", "1", "x", "3 apples"]
+    b = ["0", "one", "2", "3"]
+    result = head_to_head(a, b, records)
+    assert result["head_to_head"] == {"wins": 1, "losses": 2, "ties": 1}
+    assert result["win_rate_grpo_vs_sft"] == pytest.approx(1 / 3)
+
+
+def test_tiny_grpo_learns_to_compile_and_repeats_exactly(tmp_path):
+    """The CI version of `experiment rl`: reward >= 0.8 at the end, from a low start, and a second
+    run with the same seed gives the identical reward curve."""
+    first = run_rl_tiny(tmp_path / "a", seed=0)
+    assert first["first_reward"] < 0.5
+    assert first["final_reward"] >= 0.8
+    second = run_rl_tiny(tmp_path / "b", seed=0)
+    assert second["reward_curve"] == first["reward_curve"]
