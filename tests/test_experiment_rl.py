@@ -56,3 +56,34 @@ def test_tiny_grpo_learns_to_compile_and_repeats_exactly(tmp_path):
     assert first["final_reward"] >= 0.8
     second = run_rl_tiny(tmp_path / "b", seed=0)
     assert second["reward_curve"] == first["reward_curve"]
+
+
+@pytest.mark.slow
+def test_the_comparison_runs_end_to_end_on_a_tiny_base(tokenizer_dir, tmp_path, capsys):
+    """Every method trains and is evaluated; results.json has the issue's keys (a tiny random
+    base, 2 steps: the plumbing, not the claim)."""
+    import json
+
+    from fmforge.cli import main
+    from fmforge.model.load import save_model_dir
+    from fmforge.tokenizer import Tokenizer
+    from posttrain_data import tiny_lm
+
+    tok = Tokenizer.load(tokenizer_dir)
+    base = tmp_path / "base"
+    save_model_dir(tiny_lm(tok.vocab_size), tok, base)
+    out = tmp_path / "rl"
+    code = main(["experiment", "rl", "--out", str(out), "--base", str(base), "--steps", "2",
+                 "--heldout", "6"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    keys = {"strict_accuracy", "lenient_accuracy", "kl_to_base", "chat_perplexity"}
+    for method in ("base", "sft", "best_of_n", "grpo", "ppo"):
+        assert keys <= set(results[method]), method
+    assert "dpo" in results
+    assert results["base"]["kl_to_base"] == 0.0
+    assert results["sft"]["kl_to_base"] > 0.0
+    assert results["heldout_prompts"] == 6
+    assert {"win_rate_grpo_vs_sft", "win_rate_ci_low", "win_rate_ci_high"} <= set(results)
+    assert (out / "accuracy.png").stat().st_size > 0
+    assert "| grpo |" in (out / "report.md").read_text()

@@ -64,3 +64,40 @@ def _run(recipe: str):
 
 for _recipe in ("sft", "reward", "dpo", "grpo", "ppo"):
     command(f"posttrain {_recipe}", _parser(_recipe))(_run(_recipe))
+
+
+def _experiment_rl_parser() -> ArgumentParser:
+    p = new_parser(
+        "Compare base, SFT, best-of-n, DPO, GRPO and PPO (LoRA on SmolLM2-135M-Instruct) on a "
+        "zero-shot arithmetic task with a strict answer format; --tiny: the CI version."
+    )
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--base", default="smollm2-135m-instruct", help="a model dir or built-in name")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per trained method")
+    p.add_argument("--heldout", type=int, default=200, help="held-out prompts")
+    p.add_argument(
+        "--methods", default="base,sft,best_of_n,dpo,grpo,ppo", help="comma-separated methods"
+    )
+    p.add_argument("--tiny", action="store_true", help="GRPO on a tiny model, compile reward")
+    p.add_argument("--seed", type=int, default=0, help="--tiny: model and sampling seed")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    return p
+
+
+@command("experiment rl", _experiment_rl_parser)
+def _experiment_rl(args: Namespace) -> None:
+    from fmforge.errors import UserError
+    from fmforge.experiments.rl import METHODS, run_rl, run_rl_tiny
+
+    if args.tiny:
+        result = run_rl_tiny(args.out, seed=args.seed, overwrite=args.overwrite,
+                             **({"steps": args.steps} if args.steps else {}))  # fmt: skip
+        print_json({k: result[k] for k in ("first_reward", "final_reward", "seconds")})
+        return
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or "base" not in methods:
+        raise UserError(f"--methods must include base and come from {list(METHODS)}: {unknown}")
+    result = run_rl(args.out, args.base, args.steps, args.heldout, methods, args.overwrite)
+    keys = [m for m in METHODS if m in result] + ["win_rate_grpo_vs_sft", "seconds"]
+    print_json({k: result[k] for k in keys if k in result})
