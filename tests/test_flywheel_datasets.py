@@ -177,3 +177,14 @@ def test_an_empty_window_has_nothing_to_learn(store, tmp_path):
     with pytest.raises(NothingToLearn, match="give no training record"):
         write_dataset(store, tmp_path / "ds", None, time.time() + 1)
     assert not (tmp_path / "ds").exists()  # nothing half-written
+
+
+def test_blank_answers_are_dropped(store):
+    _chat(store, "g-1", "say something", "   ", "words")
+    store.add_feedback("g-1", "pairwise", {"chosen": 1, "rejected": 0})
+    store.add_feedback("g-1", "thumbs", "up", choice_index=0)
+    store.add_feedback("g-1", "thumbs", "up", choice_index=1)
+    files, manifest = build_dataset(store, None, time.time() + 1, eval_percent=0)
+    assert files["train_sft.jsonl"] == [{"messages": _user("say something") + _answer("words")}]
+    assert files["train_dpo.jsonl"] == []
+    assert manifest["duplicates_removed"] == 2

@@ -166,3 +166,31 @@ def _rollback(args: Namespace) -> None:
     current = registry.serving()
     version = registry.rollback(by=args.by)
     print(f"{version.id} serves again (rolled back from {current.id} by {args.by})")
+
+
+def _experiment_parser() -> ArgumentParser:
+    from fmforge.experiments.flywheel import FlywheelExperiment
+
+    p = new_parser(
+        "Simulated users with a hidden preference talk to fmforge serve --db over HTTP; 3 "
+        "flywheel cycles, then a broken candidate the gate must refuse; win rates vs v0."
+    )
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_class_arguments(FlywheelExperiment, None, as_group=False)
+    return p
+
+
+@command("experiment flywheel", _experiment_parser)
+def _experiment(args: Namespace) -> None:
+    import dataclasses
+
+    from fmforge.experiments.flywheel import (
+        FlywheelExperiment,
+        results_summary,
+        run_flywheel_experiment,
+    )
+
+    names = [f.name for f in dataclasses.fields(FlywheelExperiment)]
+    exp = FlywheelExperiment(**{n: getattr(args, n) for n in names})
+    print_json(results_summary(run_flywheel_experiment(args.out, exp, args.overwrite)))

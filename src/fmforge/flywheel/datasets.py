@@ -9,7 +9,8 @@ curation stages run on them:
 1. PII scrubbing (`data/pii.py`): every prompt, answer and edit has e-mails, cards, phone and
    registration numbers and public IPs replaced by typed placeholders (`<EMAIL>`, ...).
 2. Exact deduplication (`data/dedup.py`): records equal after case and whitespace normalisation
-   (and after scrubbing: two answers differing only in an e-mail address) are kept once.
+   (and after scrubbing: two answers differing only in an e-mail address) are kept once; records
+   with a blank answer (a model that stopped at once) are dropped with them.
 3. The frozen held-out split: a record is an evaluation record when the normalised hash of its
    prompt falls in the first `eval_percent` of 100 buckets. It depends on the prompt alone, so a
    prompt is in the eval split in every cycle, for ever, and never in training.
@@ -131,8 +132,19 @@ def feedback_counts(view: WindowView) -> dict[str, int]:
     return dict(sorted(Counter(row["kind"] for row in view.list_feedback()).items()))
 
 
+def has_empty_answer(record: dict[str, Any]) -> bool:
+    """Return whether a record's answer (or either side of a pair) is blank: nothing to learn."""
+    answers = [record.get(k) for k in ("completion", "chosen", "rejected") if k in record]
+    if "messages" in record:
+        answers.append(record["messages"][-1]["content"])
+    texts = [a if isinstance(a, str) else " ".join(m["content"] for m in a) for a in answers]
+    return any(not t.strip() for t in texts)
+
+
 def _curate(records: list[dict], pii: Counter) -> tuple[list[dict], int]:
-    return dedup([scrub_record(r, pii) for r in records])
+    kept = [scrub_record(r, pii) for r in records if not has_empty_answer(r)]
+    unique, duplicates = dedup(kept)
+    return unique, duplicates + len(records) - len(kept)
 
 
 def build_dataset(
@@ -177,7 +189,7 @@ def build_dataset(
         "records": {name: len(records) for name, records in files.items()},
         "eval_percent": eval_percent,
         "pii_placeholders": dict(sorted(pii.items())),
-        "duplicates_removed": dup_sft + dup_dpo,
+        "duplicates_removed": dup_sft + dup_dpo,  # and blank answers
         "eval_duplicates_removed": dup_eval_sft + dup_eval_dpo,
         "held_out_to_eval": held_out,
         "decontaminated": contaminated,
