@@ -12,13 +12,14 @@ Setup, all on CPU:
    at a measured word-5-gram Jaccard of 0.80-0.90, and low-quality documents (keyword spam,
    repeated lines, symbol noise, lorem ipsum) worth 10% of the documents;
 3. `fmforge data curate` (profile `en`) turns the raw corpus into the curated one;
-4. the same `tiny` model is pretrained through `fmforge pretrain` on each corpus with the same
-   token budget, tokenizer and schedule, for two seeds;
+4. the same ~1M-parameter model (`MODEL`) is pretrained through `fmforge pretrain` on each corpus
+   with the same token budget (a little under one pass over the curated corpus), tokenizer and
+   schedule, for two seeds;
 5. held-out loss on the clean split, and memorisation: for prefixes of `PROMPT_TOKENS` tokens taken
    from the duplicated documents (which both corpora contain, once after curation), the share of
    greedy continuations that reproduce the next `CONTINUATION_TOKENS` tokens verbatim, the share
-   of continuation tokens reproduced, and the loss on them. The `tiny` model is small enough that
-   whole verbatim continuations are rare, so the token-level measures carry the comparison.
+   of continuation tokens reproduced, and the loss on them. The model is small enough that whole
+   verbatim continuations are rare, so the token-level measures carry the comparison.
 
 Writes `results.json`, `report.md`, `memorisation.png` and the curation report under `curated/`.
 """
@@ -43,6 +44,9 @@ PROMPT_TOKENS = 32
 CONTINUATION_TOKENS = 16
 PROMPT_STRIDE = 16  # a prefix starts every this many tokens of each duplicated document
 TRAIN = dict(batch_size=16, seq_len=128, lr=3e-3, warmup_steps=20, log_every=25)
+# The `tiny` preset widened and deepened to ~1M parameters: the 2-layer, 64-wide `tiny` itself sits
+# on its loss plateau within the budget and cannot memorise a 16-token continuation at all.
+MODEL = dict(preset="tiny", hidden_size=128, intermediate_size=352, num_hidden_layers=4)
 
 
 def _say(message: str) -> None:
@@ -237,7 +241,7 @@ def run_curation(
         for name in ("raw", "curated"):
             _say(f"4/5 pretraining on the {name} corpus, seed {seed}, {steps} steps")
             cfg = PretrainConfig(
-                model=ModelSection(preset="tiny"),
+                model=ModelSection(**MODEL),
                 data=DataSection(shards=str(out / f"{name}_data")),
                 train=TrainSection(
                     max_steps=steps, seed=seed, eval_every=0, checkpoint_every=0, **TRAIN
@@ -312,7 +316,7 @@ def _summarise(runs, planted, report, steps, started, cpu_started) -> dict[str, 
             "removed": {k: v["documents"] for k, v in report["removed"].items()},
         },
         "steps": steps,
-        "model": "tiny",
+        "model": MODEL,
         "seconds": round(time.perf_counter() - started, 1),
         "cpu_seconds_main_process": round(time.process_time() - cpu_started, 1),
     }
@@ -343,6 +347,18 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _describe(model: dict[str, Any]) -> str:
+    """`tiny` preset, 4 layers, 128 wide, ... from the MODEL overrides."""
+    names = {
+        "num_hidden_layers": "layers",
+        "hidden_size": "wide",
+        "intermediate_size": "MLP width",
+    }
+    parts = [f"`{model['preset']}` preset"]
+    parts += [f"{names.get(k, k)} {v}" for k, v in model.items() if k != "preset"]
+    return ", ".join(parts)
+
+
 def _report(r: dict[str, Any]) -> str:
     c = r["corpus"]
     lines = [
@@ -356,7 +372,7 @@ def _report(r: dict[str, Any]) -> str:
         f"(removed: {r['curation']['removed']}). Held-out clean split: "
         f"{c['heldout_documents']:,} documents.",
         "",
-        f"Both corpora train the `{r['model']}` preset for {r['steps']} steps of "
+        f"Both corpora train the same model ({_describe(r['model'])}) for {r['steps']} steps of "
         f"{TRAIN['batch_size']}x{TRAIN['seq_len']} tokens (the same token budget), same tokenizer "
         "and schedule. Memorisation: greedy continuations of "
         f"{PROMPT_TOKENS}-token prefixes of the duplicated documents that repeat the next "
