@@ -1,4 +1,4 @@
-"""Encoder commands: fmforge fill, fmforge embed, fmforge search index|query."""
+"""Encoder commands: fmforge fill, embed, search index|query, experiment cloze."""
 
 from __future__ import annotations
 
@@ -48,6 +48,15 @@ def _search_query_parser() -> ArgumentParser:
     p.add_argument("--ann", action="store_true", help="use the HNSW index instead of exact search")
     p.add_argument("--model", default=None, help="default: the model named in the manifest")
     p.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    return p
+
+
+def _experiment_cloze_parser() -> ArgumentParser:
+    p = new_parser("A masked LM vs its random-init twin vs unigram guesses on a frozen cloze set.")
+    p.add_argument("model", help="a masked-LM model dir (fmforge pretrain --objective mlm)")
+    p.add_argument("--shards", required=True, help="the token shards it trained on (val: held out)")
+    p.add_argument("--out", default=None, help="write results.json and the set (cloze.jsonl)")
+    p.add_argument("-n", type=int, default=300, help="blanks in the set")
     return p
 
 
@@ -104,3 +113,10 @@ def _search_query(args: Namespace) -> None:
     for hit in hits:
         snippet = " ".join(hit["text"].split())[:160]
         print(f"{hit['rank']:>3}  {hit['score']:.4f}  {hit['source']}  {snippet}")
+
+
+@command("experiment cloze", _experiment_cloze_parser)
+def _experiment_cloze(args: Namespace) -> None:
+    from fmforge.experiments.cloze import cloze_experiment
+
+    print_json(cloze_experiment(args.model, args.shards, n=args.n, out=args.out))

@@ -1,17 +1,28 @@
 """A frozen cloze test for masked LMs: mask one word of held-out lines, is it in the top 5?
 
-The set is drawn deterministically (seeded) from held-out text: lines of 8-30 words, one masked
-word per line, chosen among whole words that are a single alphabetic token of the tokenizer (so
-"fill" can name it exactly). The baseline is a unigram guess: the 5 most frequent such words of
-the training text, whatever the context.
+The set is drawn deterministically (seeded) from held-out text (the `val` split of the shards:
+whole documents the model never trained on): sentences of 8-30 words, one masked word per
+sentence, chosen among whole words that are a single alphabetic token of the tokenizer (so `fill`
+can name it exactly). A held-out sentence that also occurs verbatim in the training text (stage
+directions, "exeunt", repeated refrains) is left out, so no item can be answered from memory.
+The drawn set is written to `cloze.jsonl` beside the results: frozen, it can be re-scored.
+
+Two unigram guesses, both fixed whatever the context:
+- `unigram_top5`: the 5 most frequent single-token *words* of the training text ("the", "and",
+  ...). This is the baseline the acceptance bar uses: it is the stronger one, since every answer
+  is a word, while the model's top 5 may spend slots on punctuation.
+- `plain_unigram_top5`: the 5 most frequent tokens of any kind (punctuation included): the
+  model's own unigram prior, what an MLM that ignores context predicts.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -28,14 +39,23 @@ def _word_ids(tokenizer, word: str) -> list[int]:
     return tokenizer.encode(word)
 
 
-def cloze_set(lines: Iterable[str], tokenizer, n: int = 300, seed: int = 0) -> list[ClozeItem]:
-    """Return n cloze items drawn with `seed` from `lines` (a held-out text)."""
+def cloze_set(
+    lines: Iterable[str],
+    tokenizer,
+    n: int = 300,
+    seed: int = 0,
+    exclude: set[str] | frozenset[str] = frozenset(),
+) -> list[ClozeItem]:
+    """Return n cloze items drawn with `seed` from `lines` (a held-out text).
+
+    exclude: sentences that must not be used (the training text's), compared verbatim.
+    """
     rng = random.Random(seed)
     mask = tokenizer.roles["mask"]
     candidates = []
     for line in lines:
         words = line.split()
-        if 8 <= len(words) <= 30:
+        if 8 <= len(words) <= 30 and line not in exclude:
             candidates.append(words)
     rng.shuffle(candidates)
     items = []
@@ -83,8 +103,11 @@ def cloze_scores(loaded: Any, items: list[ClozeItem], guess: list[int]) -> dict[
     return {"items": len(items), "model_top5": model_hits / n, "unigram_top5": guess_hits / n}
 
 
-def shard_sentences(shards_dir: str, split: str, limit: int = 200_000) -> list[str]:
-    """Return sentences decoded from a token-shard split (lowercase WordPiece text)."""
+def shard_sentences(shards_dir: str, split: str, limit: int | None = None) -> list[str]:
+    """Return sentences decoded from a token-shard split (lowercase WordPiece text).
+
+    limit: read at most this many tokens of the split (None: all of it).
+    """
     import re
 
     from fmforge.data.pack import TokenShards
@@ -96,24 +119,48 @@ def shard_sentences(shards_dir: str, split: str, limit: int = 200_000) -> list[s
     return [s.strip() for s in re.split(r"[.!?;]", text) if s.strip()]
 
 
-def cloze_experiment(model_dir: str, shards_dir: str, n: int = 300) -> dict[str, Any]:
-    """Return cloze top-5 rates of a trained MLM dir and its random-init twin on held-out text."""
+def cloze_experiment(
+    model_dir: str, shards_dir: str, n: int = 300, out: str | Path | None = None
+) -> dict[str, Any]:
+    """Return cloze top-5 rates of a trained MLM dir and its random-init twin on held-out text.
+
+    With `out`, also write `out/results.json` and the frozen set `out/cloze.jsonl`.
+    """
     import torch
 
+    from fmforge.artifacts import write_json_atomic
+    from fmforge.errors import UserError
     from fmforge.model.heads import BertForMaskedLM
     from fmforge.model.load import ModelBundle, load_bundle
+    from fmforge.train.encoder_pretrain import fresh_encoder
 
     trained = load_bundle(model_dir, kind="encoder")
-    items = cloze_set(shard_sentences(shards_dir, "val"), trained.tokenizer, n)
+    if not isinstance(trained.model, BertForMaskedLM):
+        raise UserError(f"{model_dir} has no masked-LM head: the cloze test needs an MLM dir")
     train_lines = shard_sentences(shards_dir, "train")
+    items = cloze_set(
+        shard_sentences(shards_dir, "val"), trained.tokenizer, n, exclude=set(train_lines)
+    )
     guess = unigram_top5(train_lines, trained.tokenizer)
     plain = unigram_top5(train_lines, trained.tokenizer, words_only=False)
     torch.manual_seed(1)
-    twin = ModelBundle(BertForMaskedLM(trained.config).eval(), trained.tokenizer, trained.config)
-    return {
-        "trained": cloze_scores(trained, items, guess),
+    twin_model = fresh_encoder(trained.config, "mlm").eval()  # where training started
+    twin = ModelBundle(twin_model, trained.tokenizer, trained.config)
+    scores = cloze_scores(trained, items, guess)
+    results = {
+        "model": str(model_dir),
+        "shards": str(shards_dir),
+        "trained": scores,
         "random_twin": cloze_scores(twin, items, guess),
         "unigram_guess": [trained.tokenizer.decode([i]) for i in guess],
         "plain_unigram_top5": sum(i.answer_id in plain for i in items) / max(len(items), 1),
         "plain_unigram_guess": [trained.tokenizer.decode([i]) for i in plain],
+        "ratio_to_unigram": round(scores["model_top5"] / max(scores["unigram_top5"], 1e-9), 3),
     }
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = "".join(json.dumps(asdict(item)) + "\n" for item in items)
+        (out / "cloze.jsonl").write_text(rows, encoding="utf-8")
+        write_json_atomic(out / "results.json", results)
+    return results
