@@ -73,3 +73,87 @@ def test_supervised_pairs_use_the_pair_as_positive():
     assert count == 3
     assert torch.allclose(loss, info_nce(a, b), atol=1e-6)
     assert not torch.allclose(loss, info_nce(b.flip(0), a), atol=1e-3)
+
+
+def _pairs_file(path):
+    import json
+
+    from encoders import SENTENCES
+
+    # A positive is its anchor with the words reversed: same words, different order.
+    rows = [{"anchor": s, "positive": " ".join(reversed(s.split()))} for s in SENTENCES]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_supervised_pairs_from_the_cli_config_train_an_embedder(tmp_path):
+    from encoders import tiny_embedder_dir
+    from fmforge.api import load_encoder
+    from fmforge.config import PretrainConfig
+    from fmforge.train.pretrain import pretrain
+
+    base = tiny_embedder_dir(tmp_path / "base")
+    cfg = PretrainConfig.from_dict(
+        {
+            "model": {"preset": "tiny", "init_from": str(base), "dropout": 0.0},
+            "data": {"pairs": str(_pairs_file(tmp_path / "pairs.jsonl"))},
+            "train": {"max_steps": 12, "batch_size": 4, "seq_len": 32, "warmup_steps": 1,
+                      "lr": 3e-3, "eval_every": 0, "checkpoint_every": 12, "log_every": 1},
+            "runtime": {"device": "cpu", "threads": 1},
+        }
+    )  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        pretrain(cfg, tmp_path / "run", objective="contrastive")
+    finally:
+        torch.set_num_threads(threads)
+    import json
+
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    losses = [r["loss"] for r in history if "loss" in r]
+    assert losses[-1] < losses[0]  # it learned to match each anchor to its pair
+    assert history[0]["scored"] == 4  # one scored pair per example
+    before, after = load_encoder(base), load_encoder(tmp_path / "run" / "final")
+    assert after.embed(["the river"]).shape == (1, 64)
+    w0 = before.model.encoder.layer[0].attention.self.query.weight
+    w1 = after.model.encoder.layer[0].attention.self.query.weight
+    assert not torch.equal(w0, w1)
+    provenance = json.loads((tmp_path / "run" / "final" / "fmforge.json").read_text())
+    assert provenance["data"]["pairs"]["sha256"]
+
+
+def test_pair_batches_are_seeded_distinct_and_resume_exactly(tmp_path):
+    from encoders import wordpiece_tokenizer
+    from fmforge.train.encoder_pretrain import PairBatches, read_pairs
+
+    pairs = read_pairs(str(_pairs_file(tmp_path / "p.jsonl")), wordpiece_tokenizer(), 16)
+    assert len(pairs) == 8 and all(a[0] == 2 and a[-1] == 3 for a, _ in pairs)
+    source = PairBatches(pairs, 0, 3, seed=5)
+    first = [source.next_batch() for _ in range(2)]
+    rows = {tuple(r[r != 0].tolist()) for b in first for r in b["input_ids"]}
+    assert len(rows) == 6  # no pair twice within an epoch
+    state = source.state_dict()
+    later = source.next_batch()  # the epoch's remainder (2) is dropped: a new epoch starts
+    assert state == {"epoch": 0, "position": 6} and source.epoch == 1
+    resumed = PairBatches(pairs, 0, 3, seed=5)
+    resumed.load_state_dict(state)
+    again = resumed.next_batch()
+    assert all(torch.equal(later[k], again[k]) for k in later)
+    with pytest.raises(Exception, match="batch_size"):
+        PairBatches(pairs, 0, 9, seed=5)
+
+
+def test_bad_pair_records_and_objective_get_one_line_errors(tmp_path):
+    from encoders import wordpiece_tokenizer
+    from fmforge.config import PretrainConfig
+    from fmforge.errors import ConfigError, DataError
+    from fmforge.train.encoder_pretrain import read_pairs
+    from fmforge.train.pretrain import pretrain
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"anchor": "a b", "positive": "c"}\n{"anchor": "x"}\n')
+    with pytest.raises(DataError, match="bad.jsonl:2"):
+        read_pairs(str(bad), wordpiece_tokenizer(), 16)
+    cfg = PretrainConfig.from_dict({"data": {"pairs": str(bad)}})
+    with pytest.raises(ConfigError, match="contrastive only"):
+        pretrain(cfg, tmp_path / "run", objective="mlm")

@@ -147,3 +147,37 @@ def test_pretrain_mlm_then_simcse_through_the_one_trainer(encoder_shards, tmp_pa
     start = mlm.model.bert.encoder.layer[0].attention.self.query.weight
     after = fmforge.load(final).model.encoder.layer[0].attention.self.query.weight
     assert not torch.equal(start, after)  # SimCSE moved the encoder it started from
+
+
+def test_cloze_set_is_frozen_and_leaves_out_sentences_seen_in_training():
+    from encoders import SENTENCES, wordpiece_tokenizer
+    from fmforge.experiments.cloze import cloze_set, unigram_top5
+
+    tokenizer = wordpiece_tokenizer()
+    held_out = [f"{s} and then {SENTENCES[(i + 1) % 8]}" for i, s in enumerate(SENTENCES)]
+    seen = set(held_out[:3])
+    items = cloze_set(held_out, tokenizer, n=20, seed=3, exclude=seen)
+    assert items == cloze_set(
+        held_out, tokenizer, n=20, seed=3, exclude=seen
+    )  # same seed, same set
+    assert len(items) == 5  # one blank per unseen sentence, none from the three seen ones
+    for item in items:
+        assert item.text.count("[MASK]") == 1
+        filled = item.text.replace("[MASK]", item.answer)
+        assert filled in held_out[3:] and filled not in seen
+    top = [tokenizer.decode([i]) for i in unigram_top5(SENTENCES, tokenizer)]
+    assert top[0] == "the" and all(w.isalpha() for w in top)
+
+
+def test_fresh_encoders_start_from_sinusoidal_positions_at_the_init_scale():
+    from encoders import tiny_bert_config
+    from fmforge.train.encoder_pretrain import fresh_encoder
+
+    torch.manual_seed(0)
+    model = fresh_encoder(tiny_bert_config(100), "mlm")
+    weight = model.bert.embeddings.position_embeddings.weight.detach()  # (P, C)
+    assert abs(weight.std().item() - 0.02) < 1e-3
+    similarity = weight @ weight[10]  # (P,)
+    assert similarity[11] > similarity[14] > similarity[30]  # nearer positions are more alike
+    words = model.bert.embeddings.word_embeddings.weight.detach()
+    assert abs(words[1:].std().item() - 0.02) < 2e-3  # the rest keeps BERT's init

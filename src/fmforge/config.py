@@ -32,6 +32,7 @@ class ModelSection:
     num_attention_heads: int | None = None  # query heads
     num_key_value_heads: int | None = None  # key/value heads
     init_from: str | None = None  # a model dir or built-in name to start from instead of random
+    dropout: float | None = None  # encoders only: BERT hidden + attention dropout (None: 0.1)
 
 
 @dataclass
@@ -39,6 +40,9 @@ class DataSection:
     """Where the training tokens come from."""
 
     shards: str = ""  # a directory written by `fmforge data prepare`
+    # --objective contrastive only: a .jsonl of {"anchor": ..., "positive": ...} records trains on
+    # supervised pairs (the tokenizer: model.init_from's); empty: unsupervised SimCSE on shards.
+    pairs: str = ""
 
 
 @dataclass
@@ -169,12 +173,14 @@ def validate(cfg: PretrainConfig) -> None:
         raise ConfigError(
             f"model.preset={cfg.model.preset!r} is not one of {sorted(PRESETS)}{hint}"
         )
-    if not cfg.data.shards:
+    if not cfg.data.shards and not cfg.data.pairs:
         raise ConfigError(
             "data.shards is empty; pass --data.shards DIR from `fmforge data prepare`"
         )
-    if not Path(cfg.data.shards).is_dir():
+    if cfg.data.shards and not Path(cfg.data.shards).is_dir():
         raise ConfigError(f"data.shards={cfg.data.shards} is not a directory")
+    if cfg.data.pairs and not Path(cfg.data.pairs).is_file():
+        raise ConfigError(f"data.pairs={cfg.data.pairs} is not a file")
 
 
 def validate_runtime(runtime: RuntimeSection) -> None:

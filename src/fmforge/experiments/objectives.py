@@ -43,6 +43,11 @@ TASKS = ("wordnet-supersense", "fortunes-topic", "chat-topic-en")
 STSB = Path(__file__).resolve().parents[4] / "shared" / "data" / "stsb"
 WIDTH = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4)
 RETRIEVAL_PAIRS = 500
+# Budgets sized so the whole run fits 40 minutes on 2 CPU cores (docs/encoders.md has the timing).
+DEFAULT_STEPS = 3000  # causal and masked-LM optimizer steps of 32 x seq_len tokens each
+DEFAULT_SIMCSE_STEPS = 300
+DEFAULT_SIMCSE_LR = 1e-4
+MLM_LR = 1e-3
 BOOTSTRAP = 1000
 
 Embed = Callable[[list[str]], np.ndarray]
@@ -223,19 +228,27 @@ def bm25_recall(pairs: list[tuple[str, str]], k1: float = 1.5, b: float = 0.75) 
 # --- training -----------------------------------------------------------------------------------
 
 
-def _config(shards: Path, steps: int, seq_len: int, lr: float, init_from: str | None = None):
+def _config(
+    shards: Path,
+    steps: int,
+    seq_len: int,
+    lr: float,
+    init_from: str | None = None,
+    dropout: float | None = None,
+):
     from fmforge.config import PretrainConfig
 
+    model = {"preset": "small", "init_from": init_from, "dropout": dropout, **_llama_width()}
     return PretrainConfig.from_dict(
         {
-            "model": {"preset": "small", "init_from": init_from, **_llama_width()},
+            "model": model,
             "data": {"shards": str(shards)},
             "train": {
                 "max_steps": steps,
                 "batch_size": 32,
                 "seq_len": seq_len,
                 "lr": lr,
-                "warmup_steps": max(1, steps // 10),
+                "warmup_steps": max(1, min(300, steps // 10)),
                 "eval_every": 0,
                 "checkpoint_every": steps,
                 "log_every": 10,
@@ -251,10 +264,11 @@ def _llama_width() -> dict[str, int]:
 
 def run_objectives(
     out: str | Path,
-    steps: int = 300,
-    simcse_steps: int = 100,
+    steps: int = DEFAULT_STEPS,
+    simcse_steps: int = DEFAULT_SIMCSE_STEPS,
     seq_len: int = 64,
     overwrite: bool = False,
+    simcse_lr: float = DEFAULT_SIMCSE_LR,
 ) -> dict[str, Any]:
     """Run the experiment into `out`; return results.json's contents."""
     from fmforge.data.pack import prepare_shards
@@ -272,11 +286,22 @@ def run_objectives(
     shards = out / "shards"
     runs = out / "runs"
     _say(f"2/5 pretraining: causal and mlm {steps} steps of 32x{seq_len}; simcse {simcse_steps}")
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
     pretrain(_config(shards, steps, seq_len, 2e-3), runs / "causal", overwrite=True)
-    pretrain(_config(shards, steps, seq_len, 1e-3), runs / "mlm", overwrite=True, objective="mlm")
-    simcse_cfg = _config(shards, simcse_steps, 32, 1e-4, init_from=str(runs / "mlm" / "final"))
+    seconds["causal"], clock = time.perf_counter() - clock, time.perf_counter()
+    # The masked LM takes the `fmforge pretrain --objective mlm` recipe of docs/encoders.md:
+    # no dropout (a short CPU budget underfits); SimCSE puts BERT's 0.1 back, its views need it.
+    mlm_cfg = _config(shards, steps, seq_len, MLM_LR, dropout=0.0)
+    pretrain(mlm_cfg, runs / "mlm", overwrite=True, objective="mlm")
+    seconds["mlm"], clock = time.perf_counter() - clock, time.perf_counter()
+    simcse_cfg = _config(
+        shards, simcse_steps, 32, simcse_lr, init_from=str(runs / "mlm" / "final"), dropout=0.1
+    )
     pretrain(simcse_cfg, runs / "contrastive", overwrite=True, objective="contrastive")
+    seconds["contrastive"], clock = time.perf_counter() - clock, time.perf_counter()
 
+    _say(f"training took {', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}")
     _say("3/5 features of trained models and their random-init twins")
     causal = load_bundle(runs / "causal" / "final")
     mlm = load_bundle(runs / "mlm" / "final")
@@ -312,8 +337,10 @@ def run_objectives(
             "simcse_steps": simcse_steps,
             "batch_size": 32,
             "seq_len": seq_len,
+            "simcse_lr": simcse_lr,
             "tokens_per_model": steps * 32 * seq_len,
             "width": WIDTH,
+            "training_seconds": {k: round(v, 1) for k, v in seconds.items()},
         },
         "retrieval_pairs": len(pairs),
         "stsb": str(STSB) if STSB.is_dir() else None,
@@ -328,15 +355,15 @@ def run_objectives(
 
 def _random_twins(causal, mlm, simcse) -> dict[str, torch.nn.Module]:
     """Return untrained models of the same architectures (seeded init), in eval mode."""
-    from fmforge.model.bert import BertModel
-    from fmforge.model.heads import BertForMaskedLM
     from fmforge.model.llama import LlamaForCausalLM
+    from fmforge.train.encoder_pretrain import fresh_encoder
 
+    # Each twin starts as its model did (the same init), only untrained.
     torch.manual_seed(1)
     twins = {
         "causal": LlamaForCausalLM(causal.config),
-        "mlm": BertForMaskedLM(mlm.config),
-        "contrastive": BertModel(simcse.config),
+        "mlm": fresh_encoder(mlm.config, "mlm"),
+        "contrastive": fresh_encoder(simcse.config, "contrastive"),
     }
     for model in twins.values():
         model.eval()
@@ -378,7 +405,8 @@ def _report(results: dict) -> str:
         f"Same width and depth ({budget['width']}), WordPiece 4096 on shakespeare; causal and "
         f"masked LM {budget['steps']} steps of {budget['batch_size']}x{budget['seq_len']} tokens "
         f"({budget['tokens_per_model']:,} tokens each); SimCSE {budget['simcse_steps']} steps "
-        f"from the MLM checkpoint. Wall time {results['seconds']:.0f} s.",
+        f"from the MLM checkpoint (lr {budget['simcse_lr']}). Wall time "
+        f"{results['seconds']:.0f} s; training {budget['training_seconds']} s.",
         "",
         "## Linear probe (test accuracy, 95% bootstrap interval)",
         "",

@@ -289,3 +289,24 @@ def init_bert_weights(module: nn.Module, std: float) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+@torch.no_grad()
+def init_sinusoidal_positions(model: nn.Module) -> None:
+    """Overwrite a fresh BERT's learned position embeddings with sinusoids (Vaswani et al. 2017).
+
+    They stay learned parameters (the HF layout is unchanged); only their starting point moves
+    from noise to sin/cos waves scaled to the init std, so position i's vector is already a fixed
+    rotation of position i-1's. Attention can then find "the previous word" from the start,
+    which a small encoder otherwise spends much of a CPU budget discovering.
+    """
+    embeddings = next(m for m in model.modules() if isinstance(m, BertEmbeddings))
+    weight = embeddings.position_embeddings.weight
+    n, c = weight.shape
+    position = torch.arange(n, dtype=torch.float32)[:, None]  # (P, 1)
+    frequency = torch.exp(-math.log(10000.0) * torch.arange(0, c, 2, dtype=torch.float32) / c)
+    waves = torch.zeros(n, c)
+    waves[:, 0::2] = torch.sin(position * frequency)  # (P, C/2)
+    waves[:, 1::2] = torch.cos(position * frequency)[:, : c // 2]
+    std = getattr(getattr(model, "config", None), "initializer_range", 0.02)
+    weight.copy_(waves * (std / waves.std()))

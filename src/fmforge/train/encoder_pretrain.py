@@ -7,6 +7,8 @@
   twice with independent dropout and scored by `info_nce_loss` (in-batch negatives, cosine,
   temperature 0.05), usually starting from an MLM checkpoint (`model.init_from`). The final dir
   is a sentence encoder (`BertModel` + mean pooling + sentence-transformers files).
+  With `data.pairs` (a JSONL of {"anchor", "positive"}) it trains on supervised pairs instead:
+  each anchor's positive is its pair, the batch's other positives its negatives.
 
 The shards must be prepared with a WordPiece tokenizer (`fmforge tokenizer train --kind
 wordpiece`); [SEP] separates documents in them. `model.preset` names a BERT preset
@@ -93,7 +95,18 @@ def bert_config(cfg: PretrainConfig, vocab_size: int):
     return BertConfig(
         vocab_size=cfg.model.vocab_size or vocab_size,
         max_position_embeddings=positions,
-        **BERT_PRESETS[cfg.model.preset],
+        **{**BERT_PRESETS[cfg.model.preset], **_dropout(cfg)},
+    )
+
+
+def _dropout(cfg: PretrainConfig) -> dict[str, float]:
+    """Return the BertConfig dropout fields `model.dropout` sets (none when it is unset)."""
+    if cfg.model.dropout is None:
+        return {}
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        raise ConfigError(f"model.dropout={cfg.model.dropout} must be in [0, 1)")
+    return dict(
+        hidden_dropout_prob=cfg.model.dropout, attention_probs_dropout_prob=cfg.model.dropout
     )
 
 
@@ -106,33 +119,128 @@ def _check_tokenizer(tokenizer, shards_dir: str) -> None:
         )
 
 
+def fresh_encoder(config, objective: str) -> torch.nn.Module:
+    """Return an untrained BertForMaskedLM (mlm) or BertModel, as every fresh run starts.
+
+    BERT's init, then sinusoidal starting values for the learned positions
+    (`init_sinusoidal_positions`). Random-init twins in experiments are built here too, so a
+    twin is exactly where its trained model started (up to the seed).
+    """
+    from fmforge.model.bert import BertModel, init_sinusoidal_positions
+    from fmforge.model.heads import BertForMaskedLM
+
+    model = BertForMaskedLM(config) if objective == "mlm" else BertModel(config)
+    init_sinusoidal_positions(model)
+    return model
+
+
 def build_encoder(cfg: PretrainConfig, objective: str, tokenizer):
-    """Return the model to train: a fresh (or `init_from`) BertForMaskedLM or BertModel."""
+    """Return (model, config) to train: a fresh encoder, or `model.init_from`'s weights.
+
+    From `init_from` the architecture is the base model's own (its config.json; `model.dropout`
+    may change its dropout), so any BERT dir or built-in encoder can be continued.
+    """
+    import dataclasses
+
     from fmforge.model.bert import BertModel
     from fmforge.model.heads import BertForMaskedLM
     from fmforge.model.load import load_bundle
 
-    config = bert_config(cfg, tokenizer.vocab_size)
-    torch.manual_seed(cfg.train.seed)
-    model = BertForMaskedLM(config) if objective == "mlm" else BertModel(config)
-    if cfg.model.init_from:
-        base = load_bundle(cfg.model.init_from, kind="encoder")
-        if base.tokenizer is not None and base.tokenizer.sha256 != tokenizer.sha256:
+    if not cfg.model.init_from:
+        config = bert_config(cfg, tokenizer.vocab_size)
+        torch.manual_seed(cfg.train.seed)
+        return fresh_encoder(config, objective), config
+    base = load_bundle(cfg.model.init_from, kind="encoder")
+    if tokenizer is not None and base.tokenizer is not None:
+        if base.tokenizer.sha256 != tokenizer.sha256:
             raise ConfigError(
                 f"model.init_from={cfg.model.init_from} uses a different tokenizer than "
                 "data.shards; prepare the shards with that model's tokenizer"
             )
-        source = base.model.state_dict()
-        # An MLM checkpoint's encoder is under `bert.`; its head is not needed by SimCSE.
-        if objective == "contrastive" and any(k.startswith("bert.") for k in source):
-            source = {k[5:]: v for k, v in source.items() if k.startswith("bert.")}
-        missing, unexpected = model.load_state_dict(source, strict=False)
-        if unexpected or set(missing) - {"pooler.dense.weight", "pooler.dense.bias"}:
-            raise ConfigError(
-                f"model.init_from={cfg.model.init_from} does not match model.preset="
-                f"{cfg.model.preset} (missing {missing[:2]}, unexpected {unexpected[:2]})"
-            )
+    config = dataclasses.replace(base.config, **_dropout(cfg))
+    if cfg.train.seq_len > config.max_position_embeddings:
+        raise ConfigError(
+            f"train.seq_len={cfg.train.seq_len} exceeds {config.max_position_embeddings} positions"
+        )
+    torch.manual_seed(cfg.train.seed)
+    model = BertForMaskedLM(config) if objective == "mlm" else BertModel(config)
+    source = base.model.state_dict()
+    # An MLM checkpoint's encoder is under `bert.`; its head is not needed by SimCSE.
+    if objective == "contrastive" and any(k.startswith("bert.") for k in source):
+        source = {k[5:]: v for k, v in source.items() if k.startswith("bert.")}
+    missing, unexpected = model.load_state_dict(source, strict=False)
+    if unexpected or set(missing) - {"pooler.dense.weight", "pooler.dense.bias"}:
+        raise ConfigError(
+            f"model.init_from={cfg.model.init_from} cannot start a {objective} run "
+            f"(missing {missing[:2]}, unexpected {unexpected[:2]})"
+        )
     return model, config
+
+
+class PairBatches:
+    """Batches of supervised (anchor, positive) pairs for InfoNCE, in a seeded order.
+
+    Each epoch is a permutation drawn from a generator seeded with (seed, epoch); a batch never
+    spans two epochs (the remainder is dropped), so every batch has `batch_size` distinct pairs
+    and the state (epoch, position) resumes exactly.
+    """
+
+    def __init__(self, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int,
+                 seed: int) -> None:  # fmt: skip
+        if batch_size < 2 or len(pairs) < batch_size:
+            raise ConfigError(
+                f"train.batch_size={batch_size} needs at least 2 and at most {len(pairs)} pairs "
+                "(in-batch negatives are the other pairs of the batch)"
+            )
+        self.pairs, self.pad_id, self.batch_size, self.seed = pairs, pad_id, batch_size, seed
+        self.epoch, self.position = 0, 0
+
+    def _order(self) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(len(self.pairs), generator=generator).tolist()
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        from fmforge.generate.embed import pad_batch
+
+        if self.position + self.batch_size > len(self.pairs):
+            self.epoch, self.position = self.epoch + 1, 0
+        index = self._order()[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        ids, mask = pad_batch([self.pairs[i][0] for i in index], self.pad_id)  # (B, T)
+        pair_ids, pair_mask = pad_batch([self.pairs[i][1] for i in index], self.pad_id)  # (B, T')
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "pair_input_ids": pair_ids,
+            "pair_attention_mask": pair_mask,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def read_pairs(path: str, tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """Return framed token ids of each {"anchor", "positive"} record of a JSONL file."""
+    from fmforge.data.sources import iter_jsonl
+    from fmforge.errors import DataError
+
+    texts = []
+    for number, record in iter_jsonl(path):
+        anchor, positive = record.get("anchor"), record.get("positive")
+        if not isinstance(anchor, str) or not isinstance(positive, str):
+            raise DataError(f'{path}:{number}: expected string "anchor" and "positive" fields')
+        if not anchor.strip() or not positive.strip():
+            raise DataError(f"{path}:{number}: empty anchor or positive")
+        texts.append((anchor, positive))
+    anchors = tokenizer.encode_batch([a for a, _ in texts])
+    positives = tokenizer.encode_batch([b for _, b in texts])
+    return [
+        (tokenizer.frame(a, max_length), tokenizer.frame(b, max_length))
+        for a, b in zip(anchors, positives)
+    ]
 
 
 @torch.no_grad()
@@ -159,7 +267,7 @@ def pretrain_encoder(
     """Train a BERT encoder with `objective` ("mlm" or "contrastive"); write the run dir."""
     from fmforge.artifacts import write_json_atomic
     from fmforge.data.pack import TokenShards
-    from fmforge.model.load import SentenceSpec, save_encoder_dir
+    from fmforge.model.load import SentenceSpec, load_bundle, save_encoder_dir
     from fmforge.train.distributed import setup_runtime
     from fmforge.train.objectives import info_nce_loss, masked_lm_loss
     from fmforge.train.pretrain import open_run_dir
@@ -167,19 +275,30 @@ def pretrain_encoder(
 
     if objective not in ENCODER_OBJECTIVES:
         raise ConfigError(f"--objective={objective!r} is not one of {list(ENCODER_OBJECTIVES)}")
+    if cfg.data.pairs and objective != "contrastive":
+        raise ConfigError("data.pairs (supervised pairs) is for --objective contrastive only")
     run_dir, resuming = open_run_dir(cfg, out, resume, overwrite)
-    shards = TokenShards.open(cfg.data.shards)
-    tokenizer = shards.tokenizer()
-    _check_tokenizer(tokenizer, cfg.data.shards)
+    shards = TokenShards.open(cfg.data.shards) if cfg.data.shards else None
+    if shards is not None:
+        tokenizer = shards.tokenizer()
+        _check_tokenizer(tokenizer, cfg.data.shards)
+    elif cfg.model.init_from:
+        tokenizer = load_bundle(cfg.model.init_from, kind="encoder").tokenizer
+    else:
+        raise ConfigError("data.pairs without data.shards needs model.init_from (its tokenizer)")
     runtime = setup_runtime(cfg.runtime)
     model, config = build_encoder(cfg, objective, tokenizer)
     cfg.model.vocab_size = config.vocab_size
     mlm = objective == "mlm"
     seq_len = cfg.train.seq_len if mlm else min(cfg.train.seq_len, CONTRASTIVE_SPAN)
-    train = FramedWindows(
-        shards.split("train"), tokenizer, cfg.train.batch_size, seq_len, cfg.train.seed, runtime,
-        mask=mlm,
-    )  # fmt: skip
+    if cfg.data.pairs:  # supervised: each pair's second text is its anchor's positive
+        pairs = read_pairs(cfg.data.pairs, tokenizer, cfg.train.seq_len)
+        train = PairBatches(pairs, tokenizer.pad_id or 0, cfg.train.batch_size, cfg.train.seed)
+    else:
+        train = FramedWindows(
+            shards.split("train"), tokenizer, cfg.train.batch_size, seq_len, cfg.train.seed,
+            runtime, mask=mlm,
+        )  # fmt: skip
 
     def eval_fn(m: torch.nn.Module) -> dict[str, float]:
         if not mlm:
@@ -213,8 +332,9 @@ def pretrain_encoder(
         "config": cfg.to_dict(),
         "data": {
             "shards": str(cfg.data.shards),
-            "tokenizer_sha256": shards.meta.get("tokenizer_sha256"),
-            "sources": shards.meta.get("sources"),
+            "pairs": _pairs_provenance(cfg.data.pairs),
+            "tokenizer_sha256": tokenizer.sha256,
+            "sources": shards.meta.get("sources") if shards is not None else None,
         },
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -223,3 +343,9 @@ def pretrain_encoder(
     save_encoder_dir(model, tokenizer, run_dir / "final", provenance, sentence, overwrite=True)
     write_json_atomic(run_dir / "summary.json", {**summary, "objective": objective})
     return summary
+
+
+def _pairs_provenance(path: str) -> dict[str, Any] | None:
+    from fmforge.artifacts import sha256_file
+
+    return {"path": str(path), "sha256": sha256_file(path)} if path else None
