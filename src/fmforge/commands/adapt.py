@@ -128,8 +128,8 @@ def _experiment_transfer_parser() -> ArgumentParser:
 def _experiment_objectives_parser() -> ArgumentParser:
     p = new_parser("Causal vs masked-LM vs contrastive encoders: probes, STS-B, retrieval.")
     p.add_argument("--out", required=True, help="report directory")
-    p.add_argument("--steps", type=int, default=300, help="causal and MLM steps (32 x seq-len)")
-    p.add_argument("--simcse-steps", type=int, default=100, help="SimCSE steps from the MLM")
+    p.add_argument("--steps", type=int, default=None, help="causal and MLM steps (32 x seq-len)")
+    p.add_argument("--simcse-steps", type=int, default=None, help="SimCSE steps from the MLM")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per training sequence")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     return p
@@ -223,9 +223,8 @@ def _eval(args: Namespace) -> None:
 def _experiment_objectives(args: Namespace) -> None:
     from fmforge.experiments.objectives import run_objectives
 
-    results = run_objectives(
-        args.out, args.steps, args.simcse_steps, args.seq_len, overwrite=args.overwrite
-    )
+    budgets = {k: args[k] for k in ("steps", "simcse_steps") if args[k] is not None}
+    results = run_objectives(args.out, seq_len=args.seq_len, overwrite=args.overwrite, **budgets)
     print_json(results["verdicts"])
     print(f"report: {args.out}/report.md")
 
