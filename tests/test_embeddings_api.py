@@ -77,6 +77,17 @@ def test_openai_client_embeddings_equal_fmforge_embed(server, encoder_dir, tmp_p
     assert default.usage.prompt_tokens == default.usage.total_tokens == tokens
 
 
+def test_models_lists_the_encoder_beside_the_decoder(server):
+    import openai
+
+    api = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in api.models.list()] == [MODEL_NAME, ENCODER]
+    assert api.models.retrieve(ENCODER).id == ENCODER
+    assert api.models.retrieve(MODEL_NAME).id == MODEL_NAME
+    with pytest.raises(openai.NotFoundError):
+        api.models.retrieve("no-such-model")
+
+
 def test_bad_embedding_requests_get_openai_shaped_4xx(server):
     import httpx
 

@@ -320,10 +320,15 @@ def create_app(
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [responses.model_card(server)]}
+        cards = [responses.model_card(server)]
+        if embedder is not None:  # the encoder beside the decoder, for /v1/embeddings
+            cards.append({**cards[0], "id": embedder.name})
+        return {"object": "list", "data": cards}
 
     @app.get("/v1/models/{model_id}")
     async def get_model(model_id: str) -> dict[str, Any]:
+        if embedder is not None and model_id == embedder.name:
+            return {**responses.model_card(server), "id": embedder.name}
         server.check_model(model_id)
         return responses.model_card(server)
 
