@@ -6,8 +6,11 @@ task, and does so more than supervised fine-tuning on the same budget, at a smal
 chat quality.
 
 Setup (`run_rl`), all on CPU:
-1. task: "What is A + B? Answer with only the number." for seeded A, B; every question is drawn
-   once, so train and held-out prompts are disjoint (`HELDOUT` held out). The task's rule scores a
+1. task: "What number comes right after N? Answer with only the number." (N + 1, the shortest
+   arithmetic; SmolLM2-135M-Instruct knows it often but answers in a sentence, and it is poor at
+   two-digit sums: 16% lenient, 0% strict on 32 probes of A + B up to 50) for a seeded order of
+   N in 1..999; every question is drawn once, so train and held-out prompts are disjoint
+   (`HELDOUT` held out). The task's rule scores a
    completion 1 when it is exactly the number (strict), 0.5 when the number appears as a whole word
    among other text (lenient), else 0 (`task_score`): it is the reward of GRPO and PPO, ranks the
    samples DPO learns from, and judges the head-to-head comparison; no reward model judges;
@@ -48,16 +51,19 @@ from fmforge.artifacts import check_output_dir, write_json_atomic
 BASE = "smollm2-135m-instruct"
 METHODS = ("base", "sft", "best_of_n", "dpo", "grpo", "ppo")
 HELDOUT = 200  # held-out prompts (acceptance: >= 200)
-OPERAND_RANGE = (1, 50)  # A and B are drawn from this range
-QUESTION = "What is {a} + {b}? Answer with only the number."
+NUMBERS = range(1, 1000)  # N of the questions
+QUESTION = "What number comes right after {n}? Answer with only the number."
 # One budget for every trained method (LoRA, rank 16): steps x prompts per step.
-TRAIN = dict(max_steps=40, batch_size=4, lr=5e-4, warmup_steps=4, rank=16, alpha=32.0)
-GROUP_SIZE = 8  # grpo/ppo completions per prompt (and dpo's samples per prompt)
-MAX_NEW_TOKENS = 12  # rollouts and evaluation
-TEMPERATURE = 1.0  # rollouts
-BEST_OF_N = 8
+# Sized for 2 shared CPU cores, where one SmolLM2 forward+backward over 16 rollouts takes ~1 min.
+TRAIN = dict(max_steps=30, batch_size=4, lr=5e-4, warmup_steps=3, rank=16, alpha=32.0)
+GROUP_SIZE = 4  # grpo/ppo completions per prompt
+# Rollouts and evaluation: "The number that comes after 865 is 866." needs ~13 tokens (lenient).
+MAX_NEW_TOKENS = 16
+EVAL_NEW_TOKENS = 16
+TEMPERATURE = 0.7  # rollouts and samples (at 1.0 the base's samples are mostly off-topic)
+BEST_OF_N = 4
 DPO_SAMPLES = 4
-CHAT_CONVERSATIONS = 100  # held-out chatterbot conversations for perplexity
+CHAT_CONVERSATIONS = 50  # held-out chatterbot conversations for perplexity
 EVAL_BATCH = 50  # prompts per batched greedy generation
 
 
@@ -69,17 +75,16 @@ def _say(message: str) -> None:
 
 
 def arithmetic_task(n_train: int, n_heldout: int, seed: int = 0) -> tuple[list, list]:
-    """Return (train, held-out) records {prompt: [user message], answer: "A+B"}, disjoint."""
-    low, high = OPERAND_RANGE
-    pairs = [(a, b) for a in range(low, high + 1) for b in range(low, high + 1)]
-    random.Random(seed).shuffle(pairs)
-    if n_train + n_heldout > len(pairs):
+    """Return (train, held-out) records {prompt: [user message], answer: "N+1"}, disjoint."""
+    numbers = list(NUMBERS)
+    random.Random(seed).shuffle(numbers)
+    if n_train + n_heldout > len(numbers):
         from fmforge.errors import ConfigError
 
-        raise ConfigError(f"the task has {len(pairs)} questions, {n_train + n_heldout} asked for")
+        raise ConfigError(f"the task has {len(numbers)} questions, {n_train + n_heldout} asked for")
     records = [
-        {"prompt": [{"role": "user", "content": QUESTION.format(a=a, b=b)}], "answer": str(a + b)}
-        for a, b in pairs[: n_train + n_heldout]
+        {"prompt": [{"role": "user", "content": QUESTION.format(n=n)}], "answer": str(n + 1)}
+        for n in numbers[: n_train + n_heldout]
     ]
     return records[n_heldout:], records[:n_heldout]
 
@@ -106,7 +111,8 @@ def wilson_interval(wins: int, n: int, z: float = 1.96) -> tuple[float, float]:
 # --- evaluation ---------------------------------------------------------------------------------
 
 
-def _generate(model, tokenizer, template, records, temperature=0.0, samples=1, seed=0):
+def _generate(model, tokenizer, template, records, temperature=0.0, samples=1, seed=0,
+              max_new_tokens=EVAL_NEW_TOKENS):  # fmt: skip
     """Return the completions (texts) and token lists of every record, `samples` each, batched."""
     from fmforge.generate.engine import generate_tokens
     from fmforge.generate.sampling import SamplingParams
@@ -117,7 +123,7 @@ def _generate(model, tokenizer, template, records, temperature=0.0, samples=1, s
     for start in range(0, len(prompts), EVAL_BATCH):
         chunk = prompts[start : start + EVAL_BATCH]
         params = SamplingParams(temperature=temperature)
-        gens = generate_tokens(model, chunk, MAX_NEW_TOKENS, params, stop, seed=seed + start)
+        gens = generate_tokens(model, chunk, max_new_tokens, params, stop, seed=seed + start)
         tokens += [g.tokens + (list(stop[:1]) if g.finish_reason == "stop" else []) for g in gens]
     texts = [tokenizer.decode([t for t in ids if t not in stop]) for ids in tokens]
     return prompts, tokens, texts
@@ -280,7 +286,8 @@ def run_rl(
     if "sft" in methods:
         sft = [{"messages": r["prompt"] + [{"role": "assistant", "content": r["answer"]}]}
                for r in train]  # fmt: skip
-        trained("sft", "sft", _write_jsonl(data / "sft.jsonl", sft))
+        # seq_len 96 holds one ~50-token example per row: 4 rows are the 4 prompts of a GRPO step.
+        trained("sft", "sft", _write_jsonl(data / "sft.jsonl", sft), seq_len=96)
     if "best_of_n" in methods:
         tick = time.perf_counter()
         _, _, samples = _generate(
@@ -293,7 +300,7 @@ def run_rl(
     if "dpo" in methods:
         tick = time.perf_counter()
         _, _, samples = _generate(
-            base_model, tokenizer, template, train, TEMPERATURE, DPO_SAMPLES, seed=2
+            base_model, tokenizer, template, train, TEMPERATURE, DPO_SAMPLES, 2, MAX_NEW_TOKENS
         )
         pairs = []
         for i, record in enumerate(train):
@@ -382,7 +389,7 @@ def _plot_accuracy(results: dict[str, Any], path: Path) -> None:
 def _write_report(out_dir: Path, results: dict[str, Any]) -> None:
     base = results["base"]
     lines = [
-        "# Experiment: reward + RL on zero-shot arithmetic",
+        "# Experiment: reward + RL on a zero-shot arithmetic question",
         "",
         f"Base `{results['config']['base']}`, LoRA, {results['config']['steps']} steps of "
         f"{results['config']['batch_size']} prompts for every trained method; "
