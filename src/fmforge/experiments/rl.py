@@ -255,8 +255,12 @@ def run_rl(
         results[name] = {
             "strict_accuracy": sum(s == 1.0 for s in scores) / len(held),
             "lenient_accuracy": sum(s > 0 for s in scores) / len(held),
-            "kl_to_base": kl_to_base(model, base_model, prompts, tokens, pad_id),
-            "chat_perplexity": chat_perplexity(model, chats, pad_id),
+            "kl_to_base": 0.0
+            if model is base_model
+            else kl_to_base(model, base_model, prompts, tokens, pad_id),
+            "chat_perplexity": results["base"]["chat_perplexity"]
+            if model is base_model and "base" in results
+            else chat_perplexity(model, chats, pad_id),
             "train_seconds": round(seconds.get(name, 0.0), 1),
             "samples": [
                 {"prompt": r["prompt"][0]["content"], "answer": r["answer"], "completion": t}
