@@ -18,8 +18,9 @@ from fmforge.adapt.classifier import (
     encode,
     label_token_ids,
 )
-from fmforge.adapt.methods import build_classifier, run_method
-from fmforge.adapt.training import COMPARE_STEP_SCALE, AdaptOptions, train_classifier
+from fmforge.adapt.methods import METHODS, run_method
+from fmforge.adapt.options import AdaptOptions
+from fmforge.adapt.training import train_classifier
 from fmforge.cli import main
 from fmforge.data.tasks import load_task
 
@@ -66,7 +67,7 @@ def _train(method, loaded, task, **changes):
     options = AdaptOptions(max_steps=3, batch_size=4, **changes)
     lm = copy.deepcopy(loaded.model)
     before = {k: v.clone() for k, v in lm.state_dict().items()}
-    classifier, trainable = build_classifier(method, lm, task, loaded.tokenizer, options)
+    classifier, trainable = METHODS[method].build(lm, task, loaded.tokenizer, options)
     trainable_before = [p.detach().clone() for p in trainable]
     data = encode(loaded.tokenizer, task, task.train, PATTERNS[0])
     with tempfile.TemporaryDirectory() as run_dir:
@@ -164,6 +165,9 @@ def test_cli_adapt_eval_and_bad_inputs(tiny_model_dir, task_file, tmp_path, caps
 
     common = ["--base", base, "--out", str(tmp_path / "x")]
     fails(["adapt", "lorra", *common, "--task", task], "invalid choice")
+    # Each method offers only the options it reads (built from the method table).
+    fails(["adapt", "majority", *common, "--task", task, "--rank", "4"], "has no option --rank")
+    fails(["adapt", "lora", *common, "--task", task, "--top-blocks", "2"], "--top-blocks")
     fails(["adapt", "lora", *common, "--task", "no-such-task"], "unknown task")
     fails(
         ["adapt", "lora", *common, "--task", task, "--examples-per-class", "999"],
@@ -181,6 +185,25 @@ def test_cli_adapt_eval_and_bad_inputs(tiny_model_dir, task_file, tmp_path, caps
     different.model.reset_parameters()
     save_model_dir(different.model, different.tokenizer, other)
     fails(["eval", str(out), "--base", str(other)], "different base")
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_saves_and_reads_back_its_adapted_dir(
+    method, tiny_model_dir, task_file, tmp_path
+):
+    from fmforge.adapt.adapted import adapt, evaluate
+
+    options = AdaptOptions(max_steps=2, batch_size=4, shots=2, patterns=2)
+    out = tmp_path / method
+    row = adapt(method, str(tiny_model_dir), str(task_file), out, options, examples_per_class=4)
+    meta = json.loads((out / "adapt.json").read_text())
+    assert meta["method"] == method and meta["results"]["accuracy"] == row["accuracy"]
+    assert (out / "model").is_dir() == METHODS[method].model_in_dir()
+    assert (out / "adapter_model.safetensors").is_file() == (
+        method in ("lora", "pet", "prompt-tuning")
+    )
+    # Read back, the adapted dir scores the test split exactly as the run that wrote it.
+    assert evaluate(str(out))["accuracy"] == pytest.approx(row["accuracy"], abs=1e-6)
 
 
 def test_compare_writes_results_report_and_plot(tiny_model_dir, task_file, tmp_path):
@@ -221,7 +244,8 @@ def test_compare_writes_results_report_and_plot(tiny_model_dir, task_file, tmp_p
     report = (out / "report.md").read_text()
     assert "| majority |" in report and "standard errors" in report
     steps = {r["method"]: r["steps"] for r in rows if "steps" in r}
-    assert steps == {"linear-probe": 2, "lora": 2 * COMPARE_STEP_SCALE["lora"]}
+    assert steps == {"linear-probe": 2, "lora": 2 * METHODS["lora"].compare_step_scale}
+    assert METHODS["lora"].compare_step_scale > 1  # the label-word methods train longer
 
 
 def test_example_batches_bucket_by_length_and_cover_each_epoch():

@@ -94,17 +94,23 @@ def _explain_parse_error(parser: ArgumentParser, argv: list[str], message: str) 
     if match:
         key = match.group(1) or match.group(2)
         key = key.split("=")[0]
-        sub = parser
+        sub, words = parser, []
         for word in argv:
             subcommands = getattr(sub, "_subcommands_action", None)
             if subcommands is not None and word in subcommands._name_parser_map:
                 sub = subcommands._name_parser_map[word]
+                words.append(word)
         keys = _known_keys(sub)
         close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
         source = next(
             (argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"),
             None,
         )
+        flag = "--" + key.replace("_", "-")
+        if source is None and "." not in key and any(a.split("=")[0] == flag for a in argv):
+            hint = f"; did you mean --{close[0].replace('_', '-')}?" if close else ""
+            command = " ".join(words)
+            return f"`fmforge {command}` has no option {flag}{hint} (see fmforge {command} --help)"
         where = f"{source}: " if source else ""
         hint = f"; did you mean {close[0]}?" if close else ""
         return f"{where}unknown key {key}{hint}"

@@ -1,13 +1,1 @@
-"""Adaptation methods; the method names live here so the CLI lists them without importing torch."""
-
-METHODS = [
-    "majority",
-    "full",
-    "freeze",
-    "linear-probe",
-    "lora",
-    "prompt-tuning",
-    "pet",
-    "icl",
-    "ensemble",
-]
+"""Adaptation methods: the table of methods lives in adapt/methods.py (importable without torch)."""

@@ -14,8 +14,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from fmforge.adapt.methods import METHODS, TRAINED, check_method, run_method
-from fmforge.adapt.training import COMPARE_STEP_SCALE, AdaptOptions
+from fmforge.adapt.methods import METHODS, get_method
+from fmforge.adapt.options import AdaptOptions
 from fmforge.artifacts import check_output_dir, write_json_atomic
 from fmforge.data.tasks import load_task
 from fmforge.errors import UserError
@@ -37,7 +37,7 @@ def compare(
     options = options or AdaptOptions()
     methods = list(methods or METHODS)
     for method in methods:
-        check_method(method)
+        get_method(method)
     if not examples_per_class:
         raise UserError("--examples-per-class needs at least one value")
     out = check_output_dir(out, overwrite)
@@ -65,18 +65,8 @@ def compare(
     smallest = min(tasks)
     for k, task in tasks.items():
         for method in methods:
-            if method == "icl":  # zero-shot once (it uses no examples), k-shot per K
-                if k == smallest:
-                    zero = run_method("icl", loaded, task, _with(options, shots=0))
-                    record({**zero.row, "examples_per_class": 0})
-                shots = min(k, 1) * len(task.labels)  # one demonstration per class
-                record(run_method("icl", loaded, task, _with(options, shots=shots)).row)
-            elif method == "ensemble":
-                shots = len(task.labels)
-                record(run_method("ensemble", loaded, task, _with(options, shots=shots)).row)
-            else:
-                steps = options.max_steps * COMPARE_STEP_SCALE.get(method, 1)
-                record(run_method(method, loaded, task, _with(options, max_steps=steps)).row)
+            for row in METHODS[method].compare_rows(loaded, task, options, first=k == smallest):
+                record(row)
     seconds = time.perf_counter() - started
     out.mkdir(parents=True, exist_ok=True)
     result = {
@@ -93,10 +83,6 @@ def compare(
     plot_accuracy(rows, out / "accuracy_vs_examples.png", task_name)
     (out / "report.md").write_text(report_markdown(result), encoding="utf-8")
     return result
-
-
-def _with(options: AdaptOptions, **changes: Any) -> AdaptOptions:
-    return AdaptOptions(**{**asdict(options), **changes})
 
 
 def plot_accuracy(rows: list[dict], path: Path, task_name: str) -> None:
@@ -133,8 +119,12 @@ def _accs(rows: list[dict], method: str) -> list[float]:
 
 
 def _scale_text() -> str:
-    scales = sorted(set(COMPARE_STEP_SCALE.values()))
-    return " / ".join(f"{s}x" for s in scales)
+    """'lora, prompt-tuning, pet 6x': the methods that train longer in compare, and how much."""
+    by_scale: dict[int, list[str]] = {}
+    for m in METHODS.values():
+        if m.compare_step_scale != 1:
+            by_scale.setdefault(m.compare_step_scale, []).append(m.name)
+    return "; ".join(f"{', '.join(names)} {s}x" for s, names in sorted(by_scale.items()))
 
 
 def report_markdown(result: dict[str, Any]) -> str:
@@ -148,8 +138,8 @@ def report_markdown(result: dict[str, Any]) -> str:
         f"Every method on the same seeded splits ({result['test_examples']} test examples, "
         f"labels {', '.join(result['labels'])}), seed {result['seed']}, "
         f"batch {result['options']['batch_size']}; methods that train run "
-        f"{result['options']['max_steps']} steps (lora, pet, prompt-tuning "
-        f"{_scale_text()}: see `steps`). Total {result['seconds']:.0f} s.",
+        f"{result['options']['max_steps']} steps ({_scale_text()}: see `steps`). "
+        f"Total {result['seconds']:.0f} s.",
         "",
         "| method | examples/class | shots | steps | accuracy | trainable params | train s "
         "| peak MB |",
@@ -163,7 +153,7 @@ def report_markdown(result: dict[str, Any]) -> str:
             f"{r['peak_memory_mb']:.0f} |"
         )
     lines += ["", "![accuracy vs examples](accuracy_vs_examples.png)", "", "## What it shows", ""]
-    trained = [r for r in rows if r["method"] in TRAINED]
+    trained = [r for r in rows if METHODS[r["method"]].trains]
     if trained:
         beat = sorted({r["method"] for r in trained if r["accuracy"] > base_acc})
         missed = sorted({r["method"] for r in trained} - set(beat))

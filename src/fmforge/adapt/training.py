@@ -6,56 +6,13 @@ import os
 import resource
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from fmforge.adapt.classifier import Encoded, ExampleBatches
-
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass
-class AdaptOptions:
-    """Budget and hyperparameters shared by every method (method-specific ones included)."""
-
-    max_steps: int = 60  # optimizer steps for methods that train
-    batch_size: int = 8  # prompts per step
-    lr: float | None = None  # None: the method's default (METHOD_LR)
-    seed: int = 0  # splits, demonstrations, init and data order
-    max_text_tokens: int = 96  # each input text is cut to this many tokens
-    rank: int = 8  # lora/pet: rank r
-    alpha: float = 16.0  # lora/pet: scaling alpha (update scaled by alpha / r)
-    dropout: float = 0.0  # lora/pet: dropout on the adapter input
-    targets: list[str] = field(default_factory=lambda: list(ALL_LINEAR))  # lora/pet modules
-    top_blocks: int = 1  # freeze: decoder blocks left trainable (from the top)
-    virtual_tokens: int = 8  # prompt-tuning: soft prompt length
-    shots: int = 0  # icl/ensemble: demonstrations in the prompt
-    patterns: int = 4  # pet/ensemble: how many of PATTERNS to use
-    eval_batch_size: int = 16
-    threads: int = 0  # torch CPU threads; 0 keeps the default
-
-
-# Peak learning rates, tuned on the 4M quickstart model (fortunes-topic, K=128, 120 steps:
-# lora 3e-3 0.28 vs 1e-2 0.22; linear-probe 3e-2 0.31 vs 1e-2 0.23 at 40 steps).
-METHOD_LR = {
-    "full": 3e-4,
-    "freeze": 1e-3,
-    "linear-probe": 3e-2,
-    "lora": 3e-3,
-    "pet": 3e-3,
-    "prompt-tuning": 3e-3,  # embeddings have norm ~1: 3e-2 in Adam throws the prompt off-manifold
-}
-
-
-# `fmforge adapt compare` trains each method for --max-steps times this. The label-word methods move
-# a pretrained next-token distribution through a small change (an adapter, a soft prompt) read at
-# one position; on the 4M quickstart model they stay near chance after 40 steps (lora on
-# fortunes-topic, K=128: 0.24 at 40 steps, 0.28 at 120, 0.36 at 240; pet 0.28 at 120, 0.37 at 240).
-# The heads see every position and already learn in 40. Every results row records its steps.
-COMPARE_STEP_SCALE = {"lora": 6, "pet": 6, "prompt-tuning": 6}
+from fmforge.adapt.options import AdaptOptions
 
 
 def _rss_bytes() -> int:

@@ -7,7 +7,7 @@ from typing import Any
 
 from jsonargparse import ArgumentParser, Namespace
 
-from fmforge.adapt import METHODS
+from fmforge.adapt.methods import METHODS
 from fmforge.commands import GROUPS, Handler, command, new_parser, print_json
 from fmforge.errors import UserError
 
@@ -19,52 +19,60 @@ GROUPS["adapt"] = "Adapt a base model to a task: methods, compare, recommend."
 GROUPS["experiment"] = "Reproducible experiments that write a report dir."
 
 
-def _add_adapt_options(p: ArgumentParser, steps: int = 60) -> None:
-    p.add_argument("--max-steps", type=int, default=steps, help="optimizer steps (trained methods)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per step")
-    p.add_argument("--lr", type=float, default=None, help="peak LR (default: per method)")
-    p.add_argument("--seed", type=int, default=0, help="splits, demonstrations, init, order")
-    p.add_argument("--max-text-tokens", type=int, default=96, help="cut each input to this")
-    p.add_argument("--rank", type=int, default=8, help="lora/pet: rank r")
-    p.add_argument("--alpha", type=float, default=16.0, help="lora/pet: alpha (scale alpha/r)")
-    p.add_argument("--dropout", type=float, default=0.0, help="lora/pet: adapter dropout")
-    p.add_argument(
-        "--targets",
-        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-        help="lora/pet: comma-separated module names",
-    )
-    p.add_argument("--top-blocks", type=int, default=1, help="freeze: top blocks left trainable")
-    p.add_argument("--virtual-tokens", type=int, default=8, help="prompt-tuning: soft tokens")
-    p.add_argument("--shots", type=int, default=0, help="icl/ensemble: demonstrations")
-    p.add_argument("--patterns", type=int, default=4, help="pet/ensemble: patterns used (1-4)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+# The CLI side of AdaptOptions: each field's flag type and help. Defaults come from AdaptOptions and
+# which flags a command offers from the method table (Method.option_names).
+FLAG_HELP: dict[str, tuple[type, str]] = {
+    "max_steps": (int, "optimizer steps"),
+    "batch_size": (int, "prompts per step"),
+    "lr": (float, "peak LR (default: the method's)"),
+    "seed": (int, "splits, demonstrations, init, order"),
+    "max_text_tokens": (int, "cut each input to this many tokens"),
+    "rank": (int, "LoRA rank r"),
+    "alpha": (float, "LoRA alpha (update scaled by alpha/r)"),
+    "dropout": (float, "LoRA dropout on the adapter input"),
+    "targets": (str, "comma-separated module names that get LoRA"),
+    "top_blocks": (int, "top decoder blocks left trainable"),
+    "virtual_tokens": (int, "soft prompt length"),
+    "shots": (int, "demonstrations in the prompt"),
+    "patterns": (int, "cloze patterns used (1-4)"),
+    "threads": (int, "torch CPU threads (0: default)"),
+}
+
+
+def _add_adapt_options(p: ArgumentParser, names: list[str], steps: int | None = None) -> None:
+    """Add a flag for each AdaptOptions field in `names` (AdaptOptions' defaults)."""
+    from dataclasses import fields
+
+    from fmforge.adapt.options import AdaptOptions
+
+    defaults = {f.name: f.default for f in fields(AdaptOptions)}
+    defaults["targets"] = ",".join(AdaptOptions().targets)
+    if steps is not None:
+        defaults["max_steps"] = steps
+    for name in names:
+        kind, text = FLAG_HELP[name]
+        flag = "--" + name.replace("_", "-")
+        p.add_argument(flag, type=kind, default=defaults[name], help=text)
     p.add_argument("--verbalizer", default=None, help="label=word,... or a JSON file")
 
 
 def _adapt_options(args: Namespace) -> Any:
-    from fmforge.adapt.training import AdaptOptions
+    from fmforge.adapt.options import AdaptOptions
 
+    given = {name: args[name] for name in FLAG_HELP if name in args}
     for name in ("max_steps", "batch_size", "max_text_tokens"):
-        if args[name] < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {args[name]}")
-    if args.shots < 0 or not 1 <= args.patterns <= 4:
+        if name in given and given[name] < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {given[name]}")
+    if given.get("shots", 0) < 0 or not 1 <= given.get("patterns", 1) <= 4:
         raise UserError("--shots must be >= 0 and --patterns in 1..4")
-    return AdaptOptions(
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        max_text_tokens=args.max_text_tokens,
-        rank=args.rank,
-        alpha=args.alpha,
-        dropout=args.dropout,
-        targets=[t.strip() for t in args.targets.split(",") if t.strip()],
-        top_blocks=args.top_blocks,
-        virtual_tokens=args.virtual_tokens,
-        shots=args.shots,
-        patterns=args.patterns,
-        threads=args.threads,
-    )
+    if "targets" in given:
+        given["targets"] = [t.strip() for t in given["targets"].split(",") if t.strip()]
+    return AdaptOptions(**given)
+
+
+def _all_option_names() -> list[str]:
+    names = {n for m in METHODS.values() for n in m.option_names()}
+    return [n for n in FLAG_HELP if n in names]
 
 
 def _adapt_method_parser(method: str) -> Callable[[], ArgumentParser]:
@@ -75,7 +83,7 @@ def _adapt_method_parser(method: str) -> Callable[[], ArgumentParser]:
         p.add_argument("--out", required=True, help="output directory")
         p.add_argument("--examples-per-class", type=int, default=None, help="train subset K")
         p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-        _add_adapt_options(p)
+        _add_adapt_options(p, list(METHODS[method].option_names()))
         return p
 
     return build
@@ -89,7 +97,7 @@ def _adapt_compare_parser() -> ArgumentParser:
     p.add_argument("--examples-per-class", default="8,32,128", help="comma-separated K values")
     p.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    _add_adapt_options(p, steps=40)
+    _add_adapt_options(p, _all_option_names(), steps=40)
     return p
 
 
@@ -203,7 +211,7 @@ def _adapt_recommend(args: Namespace) -> None:
 @command("eval", _eval_parser)
 def _eval(args: Namespace) -> None:
     from fmforge.adapt.adapted import evaluate
-    from fmforge.adapt.training import AdaptOptions
+    from fmforge.adapt.options import AdaptOptions
     from fmforge.data.tasks import parse_verbalizer
 
     if args.shots < 0:
