@@ -87,3 +87,16 @@ def test_the_comparison_runs_end_to_end_on_a_tiny_base(tokenizer_dir, tmp_path, 
     assert {"win_rate_grpo_vs_sft", "win_rate_ci_low", "win_rate_ci_high"} <= set(results)
     assert (out / "accuracy.png").stat().st_size > 0
     assert "| grpo |" in (out / "report.md").read_text()
+
+
+def test_rl_reward_prefers_shorter_answers_that_hold_the_number():
+    from fmforge.experiments.rl import answer_reward
+
+    record = {"answer": "866"}
+    assert answer_reward("866", record) == 1.0
+    short, long = (
+        answer_reward("866.", record),
+        answer_reward("The number after 865 is 866.", record),
+    )
+    assert short == pytest.approx(0.5 * (1 - 4 / 50)) and long == pytest.approx(0.5 * (1 - 28 / 50))
+    assert answer_reward("867", record) == 0.0

@@ -12,8 +12,10 @@ Setup (`run_rl`), all on CPU:
    N in 1..999; every question is drawn once, so train and held-out prompts are disjoint
    (`HELDOUT` held out). The task's rule scores a
    completion 1 when it is exactly the number (strict), 0.5 when the number appears as a whole word
-   among other text (lenient), else 0 (`task_score`): it is the reward of GRPO and PPO, ranks the
-   samples DPO learns from, and judges the head-to-head comparison; no reward model judges;
+   among other text (lenient), else 0 (`task_score`); it judges the head-to-head comparison (no
+   reward model judges). The reward of GRPO and PPO, which also ranks DPO's samples, is the rule
+   with its lenient credit scaled down by length (`answer_reward`): a bare answer is what strict
+   accuracy needs and the base rarely gives one, while sentences holding the answer are common;
 2. methods, each with LoRA on SmolLM2-135M-Instruct through `fmforge posttrain` (the one Trainer),
    on the same number of steps and prompts per step:
    - `base`: the model as shipped;
@@ -21,9 +23,9 @@ Setup (`run_rl`), all on CPU:
    - `best_of_n`: N samples of the base per held-out prompt; the answer given most often wins, and
      a sample that states it alone is preferred (self-consistency: the selector never sees the
      gold answer, which would make it an oracle);
-   - `dpo`: the base samples `DPO_SAMPLES` completions per train prompt, ranked by the rule; the
-     best and the worst of a prompt form a pair when their scores differ;
-   - `grpo`, `ppo`: rollouts from the generation engine rewarded by the rule;
+   - `dpo`: the base samples `DPO_SAMPLES` completions per train prompt, ranked by the reward;
+     the best and the worst of a prompt form a pair when their rewards differ;
+   - `grpo`, `ppo`: rollouts from the generation engine, rewarded;
 3. evaluation on the held-out prompts, greedy: strict and lenient accuracy; KL(model || base) per
    token on the model's own greedy answers (exact over the vocabulary, not sampled); perplexity on
    the assistant turns of held-out chats (the chatterbot corpus, conversations no method trains
@@ -96,6 +98,16 @@ def task_score(completion: str, record: dict[str, Any]) -> float:
     if exact_answer(completion, record):
         return 1.0
     return 0.5 * contains_answer(completion, record)
+
+
+def answer_reward(completion: str, record: dict[str, Any]) -> float:
+    """The RL reward: the task's rule, with the lenient credit scaled by brevity (0.5 for the
+    answer alone with a stray character, falling to 0 at 50 characters), so that among answers
+    holding the number the shorter ones, closer to the strict format, are preferred."""
+    score = task_score(completion, record)
+    if score == 0.5:
+        return 0.5 * max(0.0, 1.0 - len(completion.strip()) / 50)
+    return score
 
 
 def wilson_interval(wins: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -245,7 +257,7 @@ def run_rl(
     results: dict[str, Any] = {"heldout_prompts": len(held), "train_prompts": len(train)}
     answers: dict[str, list[str]] = {}
     seconds: dict[str, float] = {}
-    rule = "fmforge.experiments.rl:task_score"
+    reward = "fmforge.experiments.rl:answer_reward"
 
     def evaluate(name: str, model: Any, texts: list[str] | None = None) -> None:
         tick = time.perf_counter()
@@ -309,8 +321,8 @@ def run_rl(
         pairs = []
         for i, record in enumerate(train):
             group = samples[i * DPO_SAMPLES : (i + 1) * DPO_SAMPLES]
-            ranked = sorted(group, key=lambda t: -task_score(t, record))
-            if task_score(ranked[0], record) > task_score(ranked[-1], record):
+            ranked = sorted(group, key=lambda t: -answer_reward(t, record))
+            if answer_reward(ranked[0], record) > answer_reward(ranked[-1], record):
                 chosen, rejected = ranked[0], ranked[-1]
                 pairs.append(
                     {
@@ -325,7 +337,7 @@ def run_rl(
             trained("dpo", "dpo", dpo_file, time.perf_counter() - tick, heldout_fraction=0.0)
         else:
             results["dpo"] = {"skipped": "no sampled pair differed under the rule"}
-    rl = dict(reward=rule, group_size=GROUP_SIZE, max_new_tokens=MAX_NEW_TOKENS,
+    rl = dict(reward=reward, group_size=GROUP_SIZE, max_new_tokens=MAX_NEW_TOKENS,
               temperature=TEMPERATURE)  # fmt: skip
     for name in ("grpo", "ppo"):
         if name in methods:
