@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 from fmforge.generate.engine import chat_prompt, stop_ids_of
 from fmforge.tokenizer import Tokenizer
 from polling import wait_until
+from test_flywheel_registry import db_url  # noqa: F401  (SQLite, and PostgreSQL when reachable)
 from test_serve_support import MODEL_NAME, ThreadServer, serve_model_dir  # noqa: F401
 
 KEY = "sk-admin-test-key"
@@ -57,7 +58,7 @@ def v1_dir(tmp_path_factory, serve_model_dir) -> Path:  # noqa: F811
     return out
 
 
-def _registry(db: Path, v0_dir: Path, v1_dir: Path):
+def _registry(db: Path | str, v0_dir: Path, v1_dir: Path):
     from fmforge.flywheel.registry import Registry
 
     registry = Registry(str(db))
@@ -142,8 +143,8 @@ def _hold_after_first_tokens(engine, count: int):
     return held, release
 
 
-def test_promote_then_rollback_under_8_streams(serve_model_dir, v1_dir, tmp_path):  # noqa: F811
-    registry = _registry(tmp_path / "flywheel.db", serve_model_dir, v1_dir)
+def test_promote_then_rollback_under_8_streams(serve_model_dir, v1_dir, db_url):  # noqa: F811
+    registry = _registry(db_url, serve_model_dir, v1_dir)
     app = _app(registry)
     server_state = app.state.server
     tokenizer = Tokenizer.load(serve_model_dir)
@@ -246,10 +247,10 @@ def test_promote_then_rollback_under_8_streams(serve_model_dir, v1_dir, tmp_path
     ]
 
 
-def test_polling_follows_promotions_made_elsewhere(serve_model_dir, v1_dir, tmp_path):  # noqa: F811
+def test_polling_follows_promotions_made_elsewhere(serve_model_dir, v1_dir, db_url):  # noqa: F811
     from fmforge.flywheel.registry import Registry
 
-    db = tmp_path / "flywheel.db"
+    db = db_url
     registry = _registry(db, serve_model_dir, v1_dir)
     app = _app(registry, poll_s=0.02, metrics=True)
     other = Registry(str(db))  # another process's handle, as `fmforge flywheel promote` holds
