@@ -46,7 +46,7 @@ RETRIEVAL_PAIRS = 500
 # Budgets sized so the whole run fits 40 minutes on 2 CPU cores (docs/encoders.md has the timing).
 DEFAULT_STEPS = 3000  # causal and masked-LM optimizer steps of 32 x seq_len tokens each
 DEFAULT_SIMCSE_STEPS = 300
-DEFAULT_SIMCSE_LR = 1e-4
+DEFAULT_SIMCSE_LR = 3e-4
 MLM_LR = 1e-3
 BOOTSTRAP = 1000
 

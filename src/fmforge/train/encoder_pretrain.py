@@ -135,10 +135,11 @@ def fresh_encoder(config, objective: str) -> torch.nn.Module:
 
 
 def build_encoder(cfg: PretrainConfig, objective: str, tokenizer):
-    """Return (model, config) to train: a fresh encoder, or `model.init_from`'s weights.
+    """Return (model, config, sentence) to train: a fresh encoder, or `model.init_from`'s weights.
 
     From `init_from` the architecture is the base model's own (its config.json; `model.dropout`
-    may change its dropout), so any BERT dir or built-in encoder can be continued.
+    may change its dropout), so any BERT dir or built-in encoder can be continued; `sentence` is
+    the base's sentence-transformers spec (its max_seq_length), None for a fresh model.
     """
     import dataclasses
 
@@ -149,7 +150,7 @@ def build_encoder(cfg: PretrainConfig, objective: str, tokenizer):
     if not cfg.model.init_from:
         config = bert_config(cfg, tokenizer.vocab_size)
         torch.manual_seed(cfg.train.seed)
-        return fresh_encoder(config, objective), config
+        return fresh_encoder(config, objective), config, None
     base = load_bundle(cfg.model.init_from, kind="encoder")
     if tokenizer is not None and base.tokenizer is not None:
         if base.tokenizer.sha256 != tokenizer.sha256:
@@ -174,7 +175,7 @@ def build_encoder(cfg: PretrainConfig, objective: str, tokenizer):
             f"model.init_from={cfg.model.init_from} cannot start a {objective} run "
             f"(missing {missing[:2]}, unexpected {unexpected[:2]})"
         )
-    return model, config
+    return model, config, base.sentence
 
 
 class PairBatches:
@@ -287,7 +288,7 @@ def pretrain_encoder(
     else:
         raise ConfigError("data.pairs without data.shards needs model.init_from (its tokenizer)")
     runtime = setup_runtime(cfg.runtime)
-    model, config = build_encoder(cfg, objective, tokenizer)
+    model, config, base_sentence = build_encoder(cfg, objective, tokenizer)
     cfg.model.vocab_size = config.vocab_size
     mlm = objective == "mlm"
     seq_len = cfg.train.seq_len if mlm else min(cfg.train.seq_len, CONTRASTIVE_SPAN)
@@ -338,7 +339,8 @@ def pretrain_encoder(
         },
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    sentence = None if mlm else SentenceSpec(max_seq_length=config.max_position_embeddings)
+    sentence = base_sentence or SentenceSpec(max_seq_length=config.max_position_embeddings)
+    sentence = None if mlm else sentence
     model.eval()
     save_encoder_dir(model, tokenizer, run_dir / "final", provenance, sentence, overwrite=True)
     write_json_atomic(run_dir / "summary.json", {**summary, "objective": objective})
