@@ -268,6 +268,8 @@ def create_app(
             if server.follower is not None:
                 await server.follower.stop()
             await run_in_threadpool(server.serving.shutdown, settings.drain_timeout_s)
+            for task in list(server.serving.tasks):  # retirements: their engines are stopped now
+                task.cancel()
 
     app = FastAPI(
         title="fmforge",
