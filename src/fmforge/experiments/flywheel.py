@@ -173,7 +173,7 @@ class _Server:
         response = self.client.post(
             "/v1/chat/completions",
             json={"model": self.model, "messages": [{"role": "user", "content": "hi"}],
-                  "max_tokens": 1},
+                  "max_tokens": 1, "store": False},  # a probe: not logged
         )  # fmt: skip
         response.raise_for_status()
         return response.headers.get("X-Model-Version", "")
