@@ -284,6 +284,17 @@ def test_polling_follows_promotions_made_elsewhere(serve_model_dir, v1_dir, db_u
         assert wait_until(lambda: serving() == "v0", timeout=30)
         third = client.post("/v1/chat/completions", json=chat)
         assert third.headers["x-model-version"] == "v0"
+        # A promoted version that does not load: the server keeps v0 and says why.
+        broken = other.register(base="v0-base", path="/nonexistent/model", kind="full")
+        other.promote(broken.id, by="cli")
+
+        def report_error() -> str | None:
+            return client.get("/admin/versions").json()["serving"]["load_error"]
+
+        assert wait_until(lambda: report_error() is not None, timeout=30)
+        assert broken.id in report_error() and serving() == "v0"
+        status = client.get("/admin/versions").json()["serving"]
+        assert status["registry_version"] == broken.id
     rows = {r["id"]: r["model_version"] for r in registry.store.list_generations()}
     assert rows == {
         first.json()["id"]: "v0",

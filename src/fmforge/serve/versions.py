@@ -177,6 +177,7 @@ class RegistryFollower:
         self.is_draining = is_draining
         self.lock = asyncio.Lock()
         self.failed: str | None = None  # a version the poller could not load (not retried)
+        self.failure: str | None = None  # why it did not load
         self.task: asyncio.Task | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -236,10 +237,10 @@ class RegistryFollower:
             try:
                 slot = await self._load(version)
             except UserError as e:
-                self.failed = version.id  # retried only after the pointer moves elsewhere
+                self.failed, self.failure = version.id, str(e)  # retried once the pointer moves
                 log.error("the registry serves %s but it did not load: %s", version.id, e)
                 return False
-            self.failed = None
+            self.failed = self.failure = None
             self._switch(slot)
             return True
 
@@ -387,12 +388,15 @@ def _versions_report(server: Any) -> dict[str, Any]:
     since = serving.since
     versions: list[dict[str, Any]] = []
     history: list[dict[str, Any]] = []
+    pointer = load_error = None
     if follower is not None:
-        registry_since = follower.registry.serving_since()
-        if registry_since is not None:
-            since = registry_since
         versions = follower.versions()
         history = follower.registry.history()
+        pointer = history[-1]["version"] if history else None
+        if pointer == serving.current.version:
+            since = history[-1]["created"]  # when the registry made it serve
+        elif pointer is not None and pointer == follower.failed:
+            load_error = follower.failure
     feedback: dict[str, int] = {}
     generations = None
     if server.store is not None:
@@ -408,6 +412,8 @@ def _versions_report(server: Any) -> dict[str, Any]:
             "feedback_since": feedback,
             "generations_since": generations,
             "in_flight": serving.in_flight(),
+            "registry_version": pointer,  # differs while a swap is loading, or after it failed
+            "load_error": load_error,
         },
         "versions": versions,
         "history": history,

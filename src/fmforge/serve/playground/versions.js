@@ -66,7 +66,17 @@
       item.textContent = when(event.created) + "  " + event.action + " " + event.version + " by " + event.by;
       history.append(item);
     }
-    note.textContent = report.registry ? "" : "no model registry (serve with --db URL to follow one)";
+    note.className = "muted";
+    if (!report.registry) {
+      note.textContent = "no model registry (serve with --db URL to follow one)";
+    } else if (serving.load_error) {
+      note.textContent = "the registry serves " + serving.registry_version + ", but it did not load: " + serving.load_error;
+      note.className = "error";
+    } else if (serving.registry_version && serving.registry_version !== serving.version) {
+      note.textContent = "loading " + serving.registry_version + "…";
+    } else {
+      note.textContent = "";
+    }
   }
 
   async function refresh() {
