@@ -100,3 +100,19 @@ def test_rl_reward_prefers_shorter_answers_that_hold_the_number():
     )
     assert short == pytest.approx(0.5 * (1 - 4 / 50)) and long == pytest.approx(0.5 * (1 - 28 / 50))
     assert answer_reward("867", record) == 0.0
+
+
+def test_cli_tiny_and_bad_methods(tmp_path, capsys):
+    import json
+
+    from fmforge.cli import main
+
+    code = main(["experiment", "rl", "--tiny", "--steps", "2", "--out", str(tmp_path / "t")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    printed = json.loads(captured.out)
+    assert set(printed) == {"first_reward", "final_reward", "seconds"}
+    results = json.loads((tmp_path / "t" / "results.json").read_text())
+    assert len(results["reward_curve"]) == 2
+    code = main(["experiment", "rl", "--out", str(tmp_path / "o"), "--methods", "base,rlhf"])
+    assert code == 2 and "--methods" in capsys.readouterr().err
