@@ -91,16 +91,27 @@ def unigram_top5(lines: Iterable[str], tokenizer, words_only: bool = True) -> li
 
 
 def cloze_scores(loaded: Any, items: list[ClozeItem], guess: list[int]) -> dict[str, float]:
-    """Return the top-5 hit rates of the model's `fill` and of the fixed `guess` on `items`."""
+    """Return the top-5 hit rates of the model's `fill` and of the fixed `guess` on `items`.
+
+    `model_top5` is `fill`'s own top 5 (any token); `model_top5_words` the 5 most likely
+    whole-word alphabetic tokens, the same candidate set as the words-only unigram guess.
+    """
     from fmforge.generate.fill import fill_mask
 
-    model_hits = guess_hits = 0
+    model_hits = word_hits = guess_hits = 0
     for item in items:
-        top = [f["token_id"] for f in fill_mask(loaded, item.text, top_k=5)[0]]
-        model_hits += item.answer_id in top
+        fillers = fill_mask(loaded, item.text, top_k=50)[0]
+        model_hits += item.answer_id in [f["token_id"] for f in fillers[:5]]
+        words = [f["token_id"] for f in fillers if f["token"].isalpha()][:5]
+        word_hits += item.answer_id in words
         guess_hits += item.answer_id in guess
     n = max(len(items), 1)
-    return {"items": len(items), "model_top5": model_hits / n, "unigram_top5": guess_hits / n}
+    return {
+        "items": len(items),
+        "model_top5": model_hits / n,
+        "model_top5_words": word_hits / n,
+        "unigram_top5": guess_hits / n,
+    }
 
 
 def shard_sentences(shards_dir: str, split: str, limit: int | None = None) -> list[str]:
