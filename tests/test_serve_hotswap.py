@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from fmforge.generate.engine import chat_prompt, stop_ids_of
 from fmforge.tokenizer import Tokenizer
 from polling import wait_until
-from test_flywheel_registry import db_url  # noqa: F401  (SQLite, and PostgreSQL when reachable)
+from test_flywheel_registry import db_url as fresh_db_url  # noqa: F401  (SQLite; PostgreSQL too)
 from test_serve_support import MODEL_NAME, ThreadServer, serve_model_dir  # noqa: F401
 
 KEY = "sk-admin-test-key"
@@ -39,6 +39,21 @@ PROMPTS = [
     "item and more",
     "beta",
 ]
+
+
+@pytest.fixture
+def db_url(fresh_db_url):  # noqa: F811
+    """An empty database (SQLite, and PostgreSQL when reachable), emptied again afterwards: a
+    server started later on the same PostgreSQL must not find this test's registry."""
+    yield fresh_db_url
+    if fresh_db_url.startswith("postgres"):
+        from fmforge.flywheel.registry import registry_metadata
+        from fmforge.flywheel.store import FeedbackStore, metadata
+
+        store = FeedbackStore(fresh_db_url)
+        registry_metadata.drop_all(store.engine)
+        metadata.drop_all(store.engine)
+        store.close()
 
 
 @pytest.fixture(scope="module")
@@ -126,12 +141,16 @@ def _text(choice: dict) -> str:
 
 
 def _hold_after_first_tokens(engine, count: int):
-    """Pause `engine`'s thread once `count` sequences are decoding, until `release` is set."""
+    """Make `engine`'s thread start only once `count` requests have arrived (so they decode
+    together however slowly the clients connect), then pause it between two steps once each of
+    them has a token, until `release` is set: they are in flight for as long as the test needs."""
     scheduler = engine.scheduler
     original = scheduler.step
     held, release = threading.Event(), threading.Event()
 
     def step() -> None:
+        if not release.is_set():
+            wait_until(lambda: sum(scheduler.load().values()) >= count, timeout=60)
         original()
         active = scheduler.active
         if not release.is_set() and len(active) == count:
@@ -178,7 +197,7 @@ def test_promote_then_rollback_under_8_streams(serve_model_dir, v1_dir, db_url):
         threads = [threading.Thread(target=stream, args=(i,)) for i in range(STREAMS)]
         for t in threads:
             t.start()
-        assert held.wait(timeout=60), "the 8 streams never all decoded on v0"
+        assert held.wait(timeout=60), ("the 8 streams never all decoded on v0", results)
 
         promoted = httpx.post(
             server.url + "/admin/promote", json={"version": "v1"}, headers=AUTH, timeout=60
