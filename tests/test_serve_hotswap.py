@@ -197,30 +197,31 @@ def test_promote_then_rollback_under_8_streams(serve_model_dir, v1_dir, db_url):
         threads = [threading.Thread(target=stream, args=(i,)) for i in range(STREAMS)]
         for t in threads:
             t.start()
-        assert held.wait(timeout=60), ("the 8 streams never all decoded on v0", results)
+        try:
+            assert held.wait(timeout=60), ("the 8 streams never all decoded on v0", results)
 
-        promoted = httpx.post(
-            server.url + "/admin/promote", json={"version": "v1"}, headers=AUTH, timeout=60
-        )
-        assert promoted.status_code == 200, promoted.text
-        assert promoted.json() == {
-            "object": "serving",
-            "version": "v1",
-            "previous": "v0",
-            "changed": True,
-        }
-        on_v1 = [request(i) for i in range(4)]
-        rolled = httpx.post(server.url + "/admin/rollback", headers=AUTH, timeout=60)
-        assert rolled.status_code == 200, rolled.text
-        assert (rolled.json()["version"], rolled.json()["previous"]) == ("v0", "v1")
-        on_v0_again = [request(i) for i in range(4)]
-        # The 8 streams are still in flight on the first v0 engine, across both swaps.
-        assert not any(r.get("done") for r in results)
-        versions = httpx.get(server.url + "/admin/versions", headers=AUTH, timeout=30).json()
-        assert versions["serving"]["version"] == "v0"
-        assert versions["serving"]["in_flight"]["v0"] >= STREAMS
-
-        release.set()
+            promoted = httpx.post(
+                server.url + "/admin/promote", json={"version": "v1"}, headers=AUTH, timeout=60
+            )
+            assert promoted.status_code == 200, promoted.text
+            assert promoted.json() == {
+                "object": "serving",
+                "version": "v1",
+                "previous": "v0",
+                "changed": True,
+            }
+            on_v1 = [request(i) for i in range(4)]
+            rolled = httpx.post(server.url + "/admin/rollback", headers=AUTH, timeout=60)
+            assert rolled.status_code == 200, rolled.text
+            assert (rolled.json()["version"], rolled.json()["previous"]) == ("v0", "v1")
+            on_v0_again = [request(i) for i in range(4)]
+            # The 8 streams are still in flight on the first v0 engine, across both swaps.
+            assert not any(r.get("done") for r in results)
+            versions = httpx.get(server.url + "/admin/versions", headers=AUTH, timeout=30).json()
+            assert versions["serving"]["version"] == "v0"
+            assert versions["serving"]["in_flight"]["v0"] >= STREAMS
+        finally:
+            release.set()  # also when an assertion failed: no stream is left hanging
         for t in threads:
             t.join(timeout=120)
         # After the streams end, the retired engines (first v0, then v1) are released.
