@@ -157,3 +157,59 @@ def test_bad_pair_records_and_objective_get_one_line_errors(tmp_path):
     cfg = PretrainConfig.from_dict({"data": {"pairs": str(bad)}})
     with pytest.raises(ConfigError, match="contrastive only"):
         pretrain(cfg, tmp_path / "run", objective="mlm")
+
+
+def test_projection_head_dir_loads_in_automodel_and_sentence_transformers(tmp_path):
+    import numpy as np
+
+    import fmforge
+    from encoders import SENTENCES, wordpiece_tokenizer
+    from fmforge.model.heads import add_projection
+    from fmforge.model.load import SentenceSpec, save_encoder_dir
+
+    st = pytest.importorskip("sentence_transformers")
+    transformers = pytest.importorskip("transformers")
+    tokenizer = wordpiece_tokenizer()
+    torch.manual_seed(0)
+    model = add_projection(BertModel(tiny_bert_config(tokenizer.vocab_size)), 24).eval()
+    with torch.no_grad():  # a non-zero bias, so a test notices if it is dropped
+        model.projection.linear.bias.normal_(0, 0.5)
+    path = save_encoder_dir(model, tokenizer, tmp_path / "proj", sentence=SentenceSpec(32))
+    assert (path / "2_Dense" / "model.safetensors").is_file()
+    _, info = transformers.AutoModel.from_pretrained(path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]  # the head is not in it
+    texts = [*SENTENCES, "an unseen sentence with zebra words", "x"]
+    expected = st.SentenceTransformer(str(path), device="cpu").encode(texts, convert_to_numpy=True)
+    got = fmforge.load(path).embed(texts)
+    assert got.shape == expected.shape == (len(texts), 24)
+    assert np.abs(got - expected).max() <= 1e-5
+    again = fmforge.load(path).model.projection.linear.bias
+    assert torch.equal(again, model.projection.linear.bias)
+
+
+def test_contrastive_training_with_a_projection_head(tmp_path):
+    from encoders import tiny_embedder_dir
+    from fmforge.api import load_encoder
+    from fmforge.config import PretrainConfig
+    from fmforge.errors import ConfigError
+    from fmforge.train.pretrain import pretrain
+
+    base = tiny_embedder_dir(tmp_path / "base")
+    settings = {
+        "model": {"init_from": str(base), "projection": 16},
+        "data": {"pairs": str(_pairs_file(tmp_path / "pairs.jsonl"))},
+        "train": {"max_steps": 3, "batch_size": 4, "seq_len": 32, "warmup_steps": 1,
+                  "eval_every": 0, "checkpoint_every": 3},
+        "runtime": {"device": "cpu", "threads": 1},
+    }  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        pretrain(PretrainConfig.from_dict(settings), tmp_path / "run", objective="contrastive")
+        with pytest.raises(ConfigError, match="already projects to 16"):
+            settings["model"] = {"init_from": str(tmp_path / "run" / "final"), "projection": 8}
+            pretrain(PretrainConfig.from_dict(settings), tmp_path / "r2", objective="contrastive")
+    finally:
+        torch.set_num_threads(threads)
+    final = load_encoder(tmp_path / "run" / "final")
+    assert final.embed(["the river", "the teacher"]).shape == (2, 16)
+    assert (tmp_path / "run" / "final" / "2_Dense" / "config.json").is_file()

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fmforge.errors import UserError
-from fmforge.model.heads import mean_pool, normalize
+from fmforge.model.heads import embedding_width, normalize, sentence_embedding
 
 
 def encode_texts(loaded: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
@@ -54,13 +54,13 @@ def embed_ids(
     model = loaded.model
     device = next(model.parameters()).device
     pad_id = loaded.tokenizer.pad_id if loaded.tokenizer.pad_id is not None else 0
-    out = np.zeros((len(rows), loaded.config.hidden_size), dtype=np.float32)
+    out = np.zeros((len(rows), embedding_width(model)), dtype=np.float32)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))  # longest first
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
         ids, mask = pad_batch([rows[i] for i in index], pad_id)
         ids, mask = ids.to(device), mask.to(device)
-        pooled = mean_pool(model.encode(ids, mask), mask)  # (B, C)
+        pooled = sentence_embedding(model, ids, mask)  # (B, D)
         if normalize_rows:
             pooled = normalize(pooled)
         out[index] = pooled.float().cpu().numpy()

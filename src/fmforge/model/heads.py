@@ -1,8 +1,10 @@
-"""Heads on top of an encoder: the masked-LM head, mean pooling, and `BertForMaskedLM`.
+"""Heads on top of an encoder: the masked-LM head, mean pooling, a projection, `BertForMaskedLM`.
 
 Parameter names follow HF (`cls.predictions.transform.dense`, `cls.predictions.bias`, the decoder
 tied to the word embeddings), so `transformers.BertForMaskedLM` loads an fmforge MLM dir unchanged.
-Mean pooling is sentence-transformers' `Pooling(pooling_mode_mean_tokens=True)`.
+Mean pooling is sentence-transformers' `Pooling(pooling_mode_mean_tokens=True)`; the projection
+is its `Dense` (identity activation), saved in `2_Dense/` beside the encoder, never in it, so
+`transformers.BertModel` still loads the dir with no unexpected keys.
 
 Notation: B batch, T sequence length, C hidden size, V vocab.
 """
@@ -21,6 +23,41 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     weights = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
     summed = (hidden * weights).sum(dim=1)  # (B, C)
     return summed / weights.sum(dim=1).clamp(min=1e-9)
+
+
+class Projection(nn.Module):
+    """A linear map of pooled sentence vectors (B, C) -> (B, D): sentence-transformers' `Dense`."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.linear(pooled)  # (B, D)
+
+
+def add_projection(model: nn.Module, out_features: int) -> nn.Module:
+    """Attach a fresh projection head to an encoder as `model.projection`; return the model."""
+    config = model.config
+    projection = Projection(config.hidden_size, out_features)
+    init_bert_weights(projection.linear, config.initializer_range)
+    model.projection = projection
+    return model
+
+
+def embedding_width(model: nn.Module) -> int:
+    """Return the width of the model's sentence vectors (its projection's, else hidden size)."""
+    projection = getattr(model, "projection", None)
+    return model.config.hidden_size if projection is None else projection.linear.out_features
+
+
+def sentence_embedding(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Return (B, D) sentence vectors: mean-pooled hidden states, then the projection if any."""
+    pooled = mean_pool(model.encode(input_ids, attention_mask), attention_mask)  # (B, C)
+    projection = getattr(model, "projection", None)
+    return pooled if projection is None else projection(pooled)
 
 
 def normalize(embeddings: torch.Tensor) -> torch.Tensor:

@@ -64,6 +64,7 @@ class SentenceSpec:
     max_seq_length: int  # inputs are cut to this many tokens, [CLS] and [SEP] included
     pooling: str = "mean"  # mean over non-padding tokens (the only mode implemented)
     normalize: bool = True  # L2-normalise the pooled vector
+    projection: int | None = None  # width of a Dense projection after pooling (2_Dense/), if any
 
 
 @dataclass
@@ -200,6 +201,8 @@ def load_model_dir(path: str | os.PathLike) -> ModelBundle:
             tokenizer.hf.no_padding()
             tokenizer.hf.no_truncation()
         sentence = read_sentence_spec(path, config.max_position_embeddings)
+        if sentence is not None and sentence.projection is not None:
+            load_projection(model, path / "2_Dense")
     return ModelBundle(
         model, tokenizer, config, source=str(path), provenance=provenance, sentence=sentence
     )
@@ -228,15 +231,48 @@ def read_sentence_spec(path: Path, max_positions: int) -> SentenceSpec | None:
     if not pooling.get("pooling_mode_mean_tokens") or set(types) - {
         "Transformer",
         "Pooling",
+        "Dense",
         "Normalize",
     }:
-        raise UserError(f"{path}: only Transformer + mean Pooling (+ Normalize) is supported")
+        raise UserError(
+            f"{path}: only Transformer + mean Pooling (+ Dense) (+ Normalize) is supported"
+        )
+    projection = None
+    if "Dense" in types:
+        if next(m["path"] for m in modules if m["type"].endswith("Dense")) != "2_Dense":
+            raise UserError(f"{modules_file}: a Dense module is read from 2_Dense/ only")
+        dense = json.loads((path / "2_Dense" / "config.json").read_text(encoding="utf-8"))
+        if not dense.get("activation_function", "").endswith("Identity") or not dense.get(
+            "bias", True
+        ):
+            raise UserError(
+                f"{path}/2_Dense: only a Dense with bias and no activation is supported"
+            )
+        projection = int(dense["out_features"])
     max_seq_length = max_positions
     bert_config = path / "sentence_bert_config.json"
     if bert_config.is_file():
         value = json.loads(bert_config.read_text(encoding="utf-8")).get("max_seq_length")
         max_seq_length = min(int(value or max_positions), max_positions)
-    return SentenceSpec(max_seq_length=max_seq_length, normalize="Normalize" in types)
+    return SentenceSpec(
+        max_seq_length=max_seq_length, normalize="Normalize" in types, projection=projection
+    )
+
+
+def load_projection(model: torch.nn.Module, dense_dir: Path) -> None:
+    """Attach the projection head stored in a sentence-transformers `Dense` dir to `model`."""
+    from fmforge.model.heads import add_projection
+
+    config = json.loads((dense_dir / "config.json").read_text(encoding="utf-8"))
+    add_projection(model, int(config["out_features"]))
+    if (dense_dir / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        weights = load_file(str(dense_dir / "model.safetensors"))
+    else:
+        weights = torch.load(dense_dir / "pytorch_model.bin", weights_only=True)
+    model.projection.load_state_dict(weights)
+    model.projection.to(next(model.parameters()).device)
 
 
 def load_weights(model: torch.nn.Module, file: str | os.PathLike, strict: bool = True) -> None:
@@ -314,15 +350,20 @@ def save_encoder_dir(
         config.pad_token_id = tokenizer.pad_id
     tied = set(_tied_keys(model))
     state = {
-        k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k not in tied
+        k: v.detach().to("cpu").contiguous()
+        for k, v in model.state_dict().items()
+        if k not in tied and not k.startswith("projection.")  # the head goes to 2_Dense/
     }
+    projection = getattr(model, "projection", None)
+    if projection is not None and sentence is None:
+        raise ValueError("an encoder with a projection head is saved as a sentence encoder")
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_json_atomic(tmp / "config.json", config.to_hf_dict(architecture))
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp, model_max_length=config.max_position_embeddings)
         if sentence is not None:
-            write_sentence_files(tmp, sentence, config.hidden_size)
+            write_sentence_files(tmp, sentence, config.hidden_size, projection)
         meta = dict(provenance or {})
         meta.setdefault("fmforge_version", __version__)
         meta["num_parameters"] = sum(v.numel() for v in state.values())
@@ -332,12 +373,17 @@ def save_encoder_dir(
     return Path(out)
 
 
-def write_sentence_files(directory: Path, sentence: SentenceSpec, hidden_size: int) -> None:
-    """Write modules.json, sentence_bert_config.json and 1_Pooling/config.json.
+def write_sentence_files(
+    directory: Path, sentence: SentenceSpec, hidden_size: int, projection: Any = None
+) -> None:
+    """Write modules.json, sentence_bert_config.json, 1_Pooling/config.json (and 2_Dense/).
 
     The module type names and pooling keys are the legacy ones every sentence-transformers
-    version reads.
+    version reads; a projection head is its `Dense` module (identity activation), with weights
+    both as model.safetensors (new versions) and pytorch_model.bin (old ones).
     """
+    from safetensors.torch import save_file
+
     from fmforge.artifacts import write_json_atomic
 
     modules = [
@@ -349,16 +395,38 @@ def write_sentence_files(directory: Path, sentence: SentenceSpec, hidden_size: i
             "type": "sentence_transformers.models.Pooling",
         },
     ]
+    if projection is not None:
+        dense = directory / "2_Dense"
+        dense.mkdir(exist_ok=True)
+        weights = {
+            f"linear.{k}": v.detach().to("cpu").contiguous()
+            for k, v in projection.linear.state_dict().items()
+        }
+        save_file(weights, str(dense / "model.safetensors"), metadata={"format": "pt"})
+        torch.save(weights, dense / "pytorch_model.bin")
+        write_json_atomic(
+            dense / "config.json",
+            {
+                "in_features": projection.linear.in_features,
+                "out_features": projection.linear.out_features,
+                "bias": True,
+                "activation_function": "torch.nn.modules.linear.Identity",
+            },
+        )
+        modules.append(
+            {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}
+        )
     if sentence.normalize:
+        idx = len(modules)
         modules.append(
             {
-                "idx": 2,
-                "name": "2",
-                "path": "2_Normalize",
+                "idx": idx,
+                "name": str(idx),
+                "path": f"{idx}_Normalize",
                 "type": "sentence_transformers.models.Normalize",
             }
         )
-        (directory / "2_Normalize").mkdir(exist_ok=True)
+        (directory / f"{idx}_Normalize").mkdir(exist_ok=True)
     write_json_atomic(directory / "modules.json", modules)
     write_json_atomic(
         directory / "sentence_bert_config.json",

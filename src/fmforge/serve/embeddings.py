@@ -92,9 +92,10 @@ def _rows(embedder: Embedder, items: Any) -> list[list[int]]:
 def embeddings_router(embedder: Embedder) -> APIRouter:
     """Return the routes of `embedder`: POST /v1/embeddings and, with an index, /v1/search."""
     from fmforge.generate.embed import embed_ids
+    from fmforge.model.heads import embedding_width
 
     router = APIRouter()
-    width = embedder.loaded.config.hidden_size
+    width = embedding_width(embedder.loaded.model)
 
     def embed(rows: list[list[int]]) -> np.ndarray:
         with embedder.lock:

@@ -144,13 +144,17 @@ def build_encoder(cfg: PretrainConfig, objective: str, tokenizer):
     import dataclasses
 
     from fmforge.model.bert import BertModel
-    from fmforge.model.heads import BertForMaskedLM
+    from fmforge.model.heads import BertForMaskedLM, add_projection
     from fmforge.model.load import load_bundle
 
+    projection = cfg.model.projection
+    if projection is not None and (objective != "contrastive" or projection < 1):
+        raise ConfigError("model.projection (a positive width) is for --objective contrastive")
     if not cfg.model.init_from:
         config = bert_config(cfg, tokenizer.vocab_size)
         torch.manual_seed(cfg.train.seed)
-        return fresh_encoder(config, objective), config, None
+        model = fresh_encoder(config, objective)
+        return (add_projection(model, projection) if projection else model), config, None
     base = load_bundle(cfg.model.init_from, kind="encoder")
     if tokenizer is not None and base.tokenizer is not None:
         if base.tokenizer.sha256 != tokenizer.sha256:
@@ -165,6 +169,9 @@ def build_encoder(cfg: PretrainConfig, objective: str, tokenizer):
         )
     torch.manual_seed(cfg.train.seed)
     model = BertForMaskedLM(config) if objective == "mlm" else BertModel(config)
+    base_projection = getattr(base.model, "projection", None)
+    if base_projection is not None and objective == "contrastive":
+        add_projection(model, base_projection.linear.out_features)  # continued with the rest
     source = base.model.state_dict()
     # An MLM checkpoint's encoder is under `bert.`; its head is not needed by SimCSE.
     if objective == "contrastive" and any(k.startswith("bert.") for k in source):
@@ -174,6 +181,13 @@ def build_encoder(cfg: PretrainConfig, objective: str, tokenizer):
         raise ConfigError(
             f"model.init_from={cfg.model.init_from} cannot start a {objective} run "
             f"(missing {missing[:2]}, unexpected {unexpected[:2]})"
+        )
+    if projection and base_projection is None:
+        add_projection(model, projection)
+    elif projection and projection != base_projection.linear.out_features:
+        raise ConfigError(
+            f"model.projection={projection}: {cfg.model.init_from} already projects to "
+            f"{base_projection.linear.out_features}"
         )
     return model, config, base.sentence
 

@@ -138,23 +138,24 @@ def info_nce(
 def info_nce_loss(
     model: nn.Module, batch: dict[str, torch.Tensor], temperature: float = 0.05
 ) -> tuple[torch.Tensor, int]:
-    """Contrastive InfoNCE over mean-pooled sentence embeddings; one scored pair per example.
+    """Contrastive InfoNCE over sentence embeddings (mean pooling, then the projection head if
+    the model has one); one scored pair per example.
 
     batch: input_ids/attention_mask (B, T) for the anchors and, for supervised pairs,
     pair_input_ids/pair_attention_mask (B, T') for their positives. Without a pair the anchors are
     their own positives through a second forward pass with an independent dropout mask
     (unsupervised SimCSE), run as one (2B, T) batch.
     """
-    from fmforge.model.heads import mean_pool
+    from fmforge.model.heads import sentence_embedding
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
     b = ids.shape[0]
     if "pair_input_ids" in batch:
-        anchors = mean_pool(model.encode(ids, mask), mask)  # (B, C)
+        anchors = sentence_embedding(model, ids, mask)  # (B, D)
         pair_mask = batch["pair_attention_mask"]
-        positives = mean_pool(model.encode(batch["pair_input_ids"], pair_mask), pair_mask)
+        positives = sentence_embedding(model, batch["pair_input_ids"], pair_mask)
     else:
         both_ids, both_mask = torch.cat([ids, ids]), torch.cat([mask, mask])  # (2B, T)
-        pooled = mean_pool(model.encode(both_ids, both_mask), both_mask)  # (2B, C)
+        pooled = sentence_embedding(model, both_ids, both_mask)  # (2B, D)
         anchors, positives = pooled[:b], pooled[b:]
     return info_nce(anchors, positives, temperature), b

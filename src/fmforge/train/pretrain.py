@@ -27,8 +27,10 @@ def build_model_config(cfg: PretrainConfig, vocab_size: int):
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
             f"{vocab_size} tokens; leave it unset (null) to use the tokenizer's"
         )
-    if cfg.model.dropout is not None:
-        raise ConfigError("model.dropout applies to encoders (--objective mlm|contrastive) only")
+    if cfg.model.dropout is not None or cfg.model.projection is not None:
+        raise ConfigError(
+            "model.dropout and model.projection apply to encoders (--objective mlm|contrastive)"
+        )
     if cfg.data.pairs:
         raise ConfigError("data.pairs (supervised pairs) is for --objective contrastive only")
     sizes = ("hidden_size", "intermediate_size", "num_hidden_layers")
