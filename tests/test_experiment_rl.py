@@ -31,6 +31,8 @@ def test_task_rule_strict_lenient_wrong():
     assert task_score("The answer is 42.", record) == 0.5
     assert task_score("The answer is 142.", record) == 0.0
     assert task_score("4.2", record) == 0.0
+    # GRPO's hack under an "appears anywhere" rule: mention the answer, end on another number.
+    assert task_score("After 42 is 43.", record) == 0.0
 
 
 def test_wilson_interval_golden_values():

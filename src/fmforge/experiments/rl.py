@@ -10,12 +10,12 @@ Setup (`run_rl`), all on CPU:
    arithmetic; SmolLM2-135M-Instruct knows it often but answers in a sentence, and it is poor at
    two-digit sums: 16% lenient, 0% strict on 32 probes of A + B up to 50) for a seeded order of
    N in 1..999; every question is drawn once, so train and held-out prompts are disjoint
-   (`HELDOUT` held out). The task's rule scores a
-   completion 1 when it is exactly the number (strict), 0.5 when the number appears as a whole word
-   among other text (lenient), else 0 (`task_score`); it judges the head-to-head comparison (no
-   reward model judges). The reward of GRPO and PPO, which also ranks DPO's samples, is the rule
-   with its lenient credit scaled down by length (`answer_reward`): a bare answer is what strict
-   accuracy needs and the base rarely gives one, while sentences holding the answer are common;
+   (`HELDOUT` held out). The task's rule scores a completion 1 when it is exactly the number
+   (strict), 0.5 when the last number in other text is the answer (lenient), else 0
+   (`task_score`); it judges the head-to-head comparison (no reward model judges). The reward
+   of GRPO and PPO, which also ranks DPO's samples, is the rule with its lenient credit scaled
+   down by length (`answer_reward`): a bare answer is what strict accuracy needs and the base
+   rarely gives one, while sentences holding the answer are common;
 2. methods, each with LoRA on SmolLM2-135M-Instruct through `fmforge posttrain` (the one Trainer),
    on the same number of steps and prompts per step:
    - `base`: the model as shipped;
@@ -92,12 +92,20 @@ def arithmetic_task(n_train: int, n_heldout: int, seed: int = 0) -> tuple[list, 
 
 
 def task_score(completion: str, record: dict[str, Any]) -> float:
-    """The task's rule: 1 for exactly the number, 0.5 for the number among other words, else 0."""
-    from fmforge.posttrain.rl import contains_answer, exact_answer
+    """The task's rule: 1 for exactly the number, 0.5 when the last number in other text is the
+    answer, else 0.
+
+    The last number, not any occurrence: with "appears as a whole word" GRPO learned to answer
+    "After 441 is 442." to "What number comes right after 440?" (lenient 0.995, strict 0).
+    """
+    import re
+
+    from fmforge.posttrain.rl import exact_answer
 
     if exact_answer(completion, record):
         return 1.0
-    return 0.5 * contains_answer(completion, record)
+    numbers = re.findall(r"\d+", completion)
+    return 0.5 if numbers and numbers[-1] == str(record["answer"]).strip() else 0.0
 
 
 def answer_reward(completion: str, record: dict[str, Any]) -> float:
