@@ -75,7 +75,7 @@ def with_rule(text: str) -> str:
 
 @dataclass
 class FlywheelExperiment:
-    """Sizes of the experiment (defaults fit ~30 minutes on 2 CPU cores with SmolLM2-135M)."""
+    """Sizes of the experiment (the defaults take ~6 minutes on 2 CPU cores with SmolLM2-135M)."""
 
     base: str = "smollm2-135m-instruct"  # v0: a model dir or a built-in name
     cycles: int = 3  # flywheel cycles (each after one round of traffic)
@@ -83,8 +83,8 @@ class FlywheelExperiment:
     heldout_prompts: int = 40  # prompts never sent to the server, for the win rate
     max_tokens: int = 12  # tokens per served answer
     judge_tokens: int = 4  # tokens generated per held-out answer (the rule reads the first word)
-    sft_steps: int = 10  # per cycle
-    dpo_steps: int = 10  # per cycle
+    sft_steps: int = 3  # per cycle (10 learns the rule in one cycle: docs/flywheel.md)
+    dpo_steps: int = 3  # per cycle
     batch_size: int = 4  # SFT rows / DPO pairs per step
     seq_len: int = 96  # tokens per SFT row / DPO sequence
     guard_tokens: int = 1024  # guard text scored per model
