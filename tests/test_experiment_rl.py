@@ -10,8 +10,8 @@ from fmforge.experiments.rl import (
     head_to_head,
     run_rl_tiny,
     task_score,
-    wilson_interval,
 )
+from fmforge.experiments.stats import wilson_interval
 
 
 def test_train_and_heldout_prompts_are_disjoint_and_seeded():

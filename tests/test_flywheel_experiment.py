@@ -28,9 +28,12 @@ def test_the_rule_and_the_users_edit():
 def test_win_rate_counts_ties_half_and_brackets_the_mean():
     base = ["no"] * 10
     better = ["Indeed yes"] * 8 + ["no"] * 2
-    result = win_rate(better, base, seed=0)
+    result = win_rate(better, base)
     assert result["win_rate_vs_v0"] == 0.9 and result["follows_rule"] == 0.8
     assert result["ci_low"] < 0.9 < result["ci_high"] <= 1.0
+    # All wins still leave an interval (Wilson), not a point: 40 of 40 -> [0.912, 1].
+    everything = win_rate(["Indeed"] * 40, ["no"] * 40)
+    assert everything["ci_low"] == pytest.approx(0.9124, abs=1e-4) and everything["ci_high"] == 1.0
     assert win_rate(base, base)["win_rate_vs_v0"] == 0.5  # all ties
     assert win_rate(base, better)["win_rate_vs_v0"] == 0.1  # v0 wins
 

@@ -22,7 +22,7 @@ Setup:
 5. After `cycles` rounds, one more round and a cycle with `lr_scale` = 100: the gate must refuse it.
 6. Win rate against v0 on `heldout_prompts` prompts never sent to the server: greedy answers of
    each version and of v0; a win when only the version's answer follows the rule, a tie (half)
-   when both or neither do. The 95% interval is a seeded bootstrap over prompts.
+   when both or neither do. The 95% interval is Wilson's, ties counted as half a win.
 
 Writes `results.json` (`cycles`: version, promoted, win_rate_vs_v0, ci_low, ci_high per cycle;
 `broken_candidate`: promoted, gate metrics), `report.md`, `win_rate.png`, the server log and each
@@ -43,6 +43,7 @@ from typing import Any
 
 from fmforge.artifacts import check_output_dir, write_json_atomic
 from fmforge.errors import UserError
+from fmforge.experiments.stats import wilson_interval
 
 RULE_WORD = "Indeed"
 TOPICS = (
@@ -246,23 +247,19 @@ def _answers(version: Any, prompts: list[str], tokens: int) -> list[str]:
     return [bundle.tokenizer.decode(g.tokens) for g in out]
 
 
-def win_rate(version_answers: list[str], base_answers: list[str], seed: int = 0) -> dict:
-    """Return the win rate against v0 (ties half) and its 95% bootstrap interval over prompts."""
-    import numpy as np
-
-    scores = np.array(
-        [
-            0.5 + 0.5 * (follows_rule(a) - follows_rule(b))
-            for a, b in zip(version_answers, base_answers)
-        ]
-    )
-    rng = np.random.default_rng(seed)
-    means = scores[rng.integers(0, len(scores), size=(2000, len(scores)))].mean(axis=1)
+def win_rate(version_answers: list[str], base_answers: list[str]) -> dict:
+    """Return the win rate against v0 (ties half) and its 95% Wilson interval over prompts."""
+    scores = [
+        0.5 + 0.5 * (follows_rule(a) - follows_rule(b))
+        for a, b in zip(version_answers, base_answers)
+    ]
+    low, high = wilson_interval(sum(scores), len(scores))
+    follows = sum(follows_rule(a) for a in version_answers)
     return {
-        "win_rate_vs_v0": round(float(scores.mean()), 4),
-        "ci_low": round(float(np.percentile(means, 2.5)), 4),
-        "ci_high": round(float(np.percentile(means, 97.5)), 4),
-        "follows_rule": round(float(np.mean([follows_rule(a) for a in version_answers])), 4),
+        "win_rate_vs_v0": round(sum(scores) / max(1, len(scores)), 4),
+        "ci_low": round(low, 4),
+        "ci_high": round(high, 4),
+        "follows_rule": round(follows / max(1, len(version_answers)), 4),
     }
 
 
@@ -329,7 +326,7 @@ def run_flywheel_experiment(
     rows = []
     for result in cycles:
         version = versions[result["version"]]
-        judged = win_rate(_answers(version, heldout, exp.judge_tokens), base_answers, exp.seed)
+        judged = win_rate(_answers(version, heldout, exp.judge_tokens), base_answers)
         rows.append(
             {
                 "version": version.id,

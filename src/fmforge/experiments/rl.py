@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from fmforge.artifacts import check_output_dir, write_json_atomic
+from fmforge.experiments.stats import wilson_interval
 
 BASE = "smollm2-135m-instruct"
 METHODS = ("base", "sft", "best_of_n", "dpo", "grpo", "ppo")
@@ -116,16 +117,6 @@ def answer_reward(completion: str, record: dict[str, Any]) -> float:
     if score == 0.5:
         return 0.5 * max(0.0, 1.0 - len(completion.strip()) / 50)
     return score
-
-
-def wilson_interval(wins: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Return the Wilson score interval of a proportion wins / n (0, 1 when n is 0)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = wins / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 # --- evaluation ---------------------------------------------------------------------------------
