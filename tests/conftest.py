@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -62,3 +64,44 @@ def shards_dir(tmp_path_factory, corpus_file, tokenizer_dir):
     out = tmp_path_factory.mktemp("shards") / "data"
     prepare_shards([str(corpus_file)], str(tokenizer_dir), str(out), val_fraction=0.1)
     return out
+
+
+POSTGRES_URL = os.environ.get("FMFORGE_TEST_POSTGRES_URL")
+
+
+def _postgres_reachable() -> bool:
+    if not POSTGRES_URL:
+        return False
+    try:
+        import psycopg
+
+        psycopg.connect(POSTGRES_URL, connect_timeout=3).close()
+        return True
+    except Exception:
+        return False
+
+
+def _empty_postgres(url: str) -> None:
+    """Drop the store's and the registry's tables (not through Registry: a test may leave a
+    newer schema behind)."""
+    from fmforge.flywheel.registry import registry_metadata
+    from fmforge.flywheel.store import FeedbackStore, metadata
+
+    store = FeedbackStore(url)
+    registry_metadata.drop_all(store.engine)
+    metadata.drop_all(store.engine)
+    store.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request, tmp_path):
+    """An empty database: SQLite, and PostgreSQL when FMFORGE_TEST_POSTGRES_URL reaches one
+    (emptied before and after, so a later test or server on it starts clean)."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "feedback.db")
+        return
+    if not _postgres_reachable():
+        pytest.skip("no PostgreSQL server (set FMFORGE_TEST_POSTGRES_URL)")
+    _empty_postgres(POSTGRES_URL)
+    yield POSTGRES_URL
+    _empty_postgres(POSTGRES_URL)

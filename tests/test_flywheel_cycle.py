@@ -22,7 +22,6 @@ from fmforge.flywheel.cycle import CycleConfig, gate, run_cycle
 from fmforge.flywheel.registry import Registry, load_version
 from fmforge.flywheel.store import FeedbackStore
 from polling import wait_until
-from test_flywheel_registry import db_url  # noqa: F401
 from test_serve_support import serve_model_dir  # noqa: F401
 
 TINY = dict(

@@ -4,8 +4,6 @@ from a newer schema refused; a LoRA version loads with its adapter merged."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from sqlalchemy import update
 
@@ -13,38 +11,9 @@ from fmforge.errors import UserError
 from fmforge.flywheel.registry import (
     Registry,
     load_version,
-    registry_metadata,
     registry_schema,
 )
-from fmforge.flywheel.store import FeedbackStore, metadata
 from test_serve_support import serve_model_dir  # noqa: F401
-
-POSTGRES_URL = os.environ.get("FMFORGE_TEST_POSTGRES_URL")
-
-
-def _postgres_reachable() -> bool:
-    if not POSTGRES_URL:
-        return False
-    try:
-        import psycopg
-
-        psycopg.connect(POSTGRES_URL, connect_timeout=3).close()
-        return True
-    except Exception:
-        return False
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        return str(tmp_path / "feedback.db")
-    if not _postgres_reachable():
-        pytest.skip("no PostgreSQL server (set FMFORGE_TEST_POSTGRES_URL)")
-    store = FeedbackStore(POSTGRES_URL)  # not Registry: a test may leave a newer schema behind
-    registry_metadata.drop_all(store.engine)  # each test starts from empty tables
-    metadata.drop_all(store.engine)
-    store.close()
-    return POSTGRES_URL
 
 
 def _candidate(registry: Registry, parent: str, dataset: str, lr: float = 1e-3):

@@ -22,7 +22,6 @@ from fastapi.testclient import TestClient
 from fmforge.generate.engine import chat_prompt, stop_ids_of
 from fmforge.tokenizer import Tokenizer
 from polling import wait_until
-from test_flywheel_registry import db_url as fresh_db_url  # noqa: F401  (SQLite; PostgreSQL too)
 from test_serve_support import MODEL_NAME, ThreadServer, serve_model_dir  # noqa: F401
 
 KEY = "sk-admin-test-key"
@@ -39,21 +38,6 @@ PROMPTS = [
     "item and more",
     "beta",
 ]
-
-
-@pytest.fixture
-def db_url(fresh_db_url):  # noqa: F811
-    """An empty database (SQLite, and PostgreSQL when reachable), emptied again afterwards: a
-    server started later on the same PostgreSQL must not find this test's registry."""
-    yield fresh_db_url
-    if fresh_db_url.startswith("postgres"):
-        from fmforge.flywheel.registry import registry_metadata
-        from fmforge.flywheel.store import FeedbackStore, metadata
-
-        store = FeedbackStore(fresh_db_url)
-        registry_metadata.drop_all(store.engine)
-        metadata.drop_all(store.engine)
-        store.close()
 
 
 @pytest.fixture(scope="module")

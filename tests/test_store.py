@@ -5,7 +5,6 @@ deterministic deduplicated exports."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -13,38 +12,11 @@ import sys
 import threading
 
 import httpx
-import pytest
 from fastapi.testclient import TestClient
 
 from fmforge.flywheel.export import dpo_records, export, sft_records
-from fmforge.flywheel.store import FeedbackStore, metadata
+from fmforge.flywheel.store import FeedbackStore
 from test_serve_support import MODEL_NAME, make_app, serve_model_dir, start_server  # noqa: F401
-
-POSTGRES_URL = os.environ.get("FMFORGE_TEST_POSTGRES_URL")
-
-
-def _postgres_reachable() -> bool:
-    if not POSTGRES_URL:
-        return False
-    try:
-        import psycopg
-
-        psycopg.connect(POSTGRES_URL, connect_timeout=3).close()
-        return True
-    except Exception:
-        return False
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        return str(tmp_path / "feedback.db")
-    if not _postgres_reachable():
-        pytest.skip("no PostgreSQL server (set FMFORGE_TEST_POSTGRES_URL)")
-    store = FeedbackStore(POSTGRES_URL)
-    metadata.drop_all(store.engine)  # each test starts from empty tables
-    store.close()
-    return POSTGRES_URL
 
 
 def _generation(gen_id: str, outputs=("a",), messages=None, prompt="p") -> dict:
