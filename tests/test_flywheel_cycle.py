@@ -105,7 +105,8 @@ def test_cycle_registers_a_candidate_with_lineage_that_loads_in_peft(
     assert v1.log_window["to"] > v1.log_window["from"] == 0.0
     assert manifest["pii_placeholders"]["<EMAIL>"] > 0
     for side in ("incumbent", "candidate"):
-        assert {"pair_accuracy", "eval_nll", "guard_perplexity"} <= set(v1.eval_report[side])
+        metrics = {"pair_accuracy", "eval_nll", "guard_perplexity", "guard_task_accuracy"}
+        assert metrics <= set(v1.eval_report[side])
     assert v1.gate["decision"] == "promote" and v1.gate["metrics"]["metric"] == "pair_accuracy"
     assert v1.config == dataclasses.asdict(CycleConfig(**TINY))
     # The adapter moved the model, loads in PEFT over the transformers base, and equals the
@@ -176,6 +177,19 @@ def test_the_gate_promotes_only_a_better_candidate_whose_guards_hold():
     assert decision["decision"] == "promote" and decision["metrics"]["metric"] == "eval_nll"
     decision = gate(_report({"pairs": 0}, {"pairs": 0}), config)
     assert decision["decision"] == "reject" and "no held-out feedback" in decision["reason"]
+    # The shipped-task guard: zero-shot accuracy may fall by at most task_tolerance.
+    inc_task = {**inc, "guard_task_accuracy": 0.40}
+    within = {**better, "guard_task_accuracy": 0.36}
+    decision = gate(_report(inc_task, within), config)
+    assert decision["decision"] == "promote"
+    assert decision["metrics"]["guards"]["guard_task_accuracy"]["drop"] == 0.04
+    forgot = {**better, "guard_task_accuracy": 0.30}
+    decision = gate(_report(inc_task, forgot), config)
+    assert (
+        decision["decision"] == "reject"
+        and "zero-shot accuracy fell by 0.100" in decision["reason"]
+    )
+    assert not decision["metrics"]["guards"]["guard_task_accuracy"]["ok"]
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, serve_model_dir, capsys):  # noqa: F811

@@ -27,8 +27,10 @@ at any point skips finished stages, resumes training from its newest checkpoint 
 same registry entry as an uninterrupted run (tests/test_flywheel_cycle.py).
 
 Guards: the held-out perplexity of a fixed slice of general text (`guard`, default the built-in
-`shakespeare` corpus): a candidate may not raise it by more than `guard_tolerance` (relative). The
-shipped tasks are not run here (too slow for a CPU cycle); `fmforge eval` runs them.
+`shakespeare` corpus): a candidate may not raise it by more than `guard_tolerance` (relative);
+and the zero-shot accuracy on a shipped labelled task (`guard_task`, default `chat-topic-en`, a
+seeded sample of `guard_task_examples` test examples, scored by the adaptation lab's `icl`
+method): a candidate may not lower it by more than `task_tolerance` (absolute).
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ class CycleConfig:
     guard_tolerance: float = 0.05  # largest relative rise of the guard perplexity allowed
     guard: str = "shakespeare"  # guard text: a built-in corpus or a file; "" for none
     guard_tokens: int = 2048  # tokens of guard text scored
+    guard_task: str = "chat-topic-en"  # a shipped labelled task scored zero-shot; "" for none
+    guard_task_examples: int = 60  # test examples of it scored (a seeded sample)
+    task_tolerance: float = 0.05  # largest drop of its zero-shot accuracy allowed (absolute)
     seed: int = 0  # data order and initialisation of the adapters
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
 
@@ -239,6 +244,29 @@ def guard_ids(tokenizer: Any, guard: str, tokens: int) -> list[int]:
     raise UserError(f"guard text {guard!r} holds no document")
 
 
+def guard_task(name: str, examples: int, seed: int) -> Any:
+    """Return the guard task with a seeded sample of `examples` test examples; None when `name`
+    is empty."""
+    import dataclasses
+    import random
+
+    from fmforge.data.tasks import load_task
+
+    if not name:
+        return None
+    task = load_task(name, None, seed)
+    keep = sorted(random.Random(seed).sample(range(len(task.test)), min(examples, len(task.test))))
+    return dataclasses.replace(task, test=[task.test[i] for i in keep])
+
+
+def task_accuracy(bundle: Any, task: Any, seed: int) -> float:
+    """Return the zero-shot accuracy of a model on `task` (label words after pattern 0)."""
+    from fmforge.adapt.methods import run_method
+    from fmforge.adapt.options import AdaptOptions
+
+    return run_method("icl", bundle, task, AdaptOptions(shots=0, seed=seed)).row["accuracy"]
+
+
 def _scored(model: Any, sequences: list[tuple[list[int], list[int]]], pad_id: int, chunk: int = 16):
     """Yield (summed log-prob, scored tokens) per sequence, in order."""
     import torch
@@ -254,12 +282,15 @@ def _scored(model: Any, sequences: list[tuple[list[int], list[int]]], pad_id: in
         yield from zip(logp.sum(-1).tolist(), counts.tolist())
 
 
-def evaluate(bundle: Any, dataset: Path, guard: list[int], seq_len: int) -> dict[str, float]:
-    """Return a model's metrics on the frozen split and the guard text.
+def evaluate(
+    bundle: Any, dataset: Path, guard: list[int], seq_len: int, task: Any = None, seed: int = 0
+) -> dict[str, float]:
+    """Return a model's metrics on the frozen split and the guards (text, task).
 
     pair_accuracy: share of held-out pairs whose chosen answer has the higher mean token log-prob
     (ties count half); pair_margin: the mean of that difference; eval_nll: mean NLL per token of
-    the held-out SFT answers; guard_perplexity: exp of the mean NLL per guard token.
+    the held-out SFT answers; guard_perplexity: exp of the mean NLL per guard token;
+    guard_task_accuracy: zero-shot accuracy on the guard task's sampled test examples.
     """
     from fmforge.posttrain.preference import read_preferences
     from fmforge.posttrain.sequences import chat_template_of, pad_id_of
@@ -289,6 +320,8 @@ def evaluate(bundle: Any, dataset: Path, guard: list[int], seq_len: int) -> dict
         scored = list(_scored(model, [(w, w) for w in windows if len(w) > 1], pad_id))
         nll = -sum(total for total, _ in scored) / sum(count for _, count in scored)
         metrics["guard_perplexity"] = math.exp(nll)
+    if task is not None:
+        metrics["guard_task_accuracy"] = task_accuracy(bundle, task, seed)
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
 
 
@@ -318,6 +351,20 @@ def gate(report: dict[str, dict], config: CycleConfig, by: str = "gate") -> dict
         }
         if not ok:
             failed.append(f"guard perplexity x{ratio:.3g} > x{1 + config.guard_tolerance:.3g}")
+    if "guard_task_accuracy" in inc and "guard_task_accuracy" in cand:
+        drop = round(inc["guard_task_accuracy"] - cand["guard_task_accuracy"], 6)
+        ok = drop <= config.task_tolerance
+        metrics["guards"]["guard_task_accuracy"] = {
+            "task": config.guard_task,
+            "candidate": cand["guard_task_accuracy"],
+            "incumbent": inc["guard_task_accuracy"],
+            "drop": drop,
+            "tolerance": config.task_tolerance,
+            "ok": ok,
+        }
+        if not ok:
+            name, limit = config.guard_task, config.task_tolerance
+            failed.append(f"{name} zero-shot accuracy fell by {drop:.3f} > {limit:g}")
     if delta <= config.margin:
         failed.insert(0, f"{metric} improved by {delta:+.4g}, not more than {config.margin:g}")
     decision = "reject" if failed else "promote"
@@ -428,9 +475,11 @@ def run_cycle(
         if not (out / "eval.json").is_file():
             candidate = load_version(_provisional(base, path, kind))
             guard = guard_ids(candidate.tokenizer, config.guard, config.guard_tokens)
+            task = guard_task(config.guard_task, config.guard_task_examples, config.seed)
+            args = (dataset, guard, config.seq_len, task, config.seed)
             report = {
-                "candidate": evaluate(candidate, dataset, guard, config.seq_len),
-                "incumbent": evaluate(load_version(incumbent), dataset, guard, config.seq_len),
+                "candidate": evaluate(candidate, *args),
+                "incumbent": evaluate(load_version(incumbent), *args),
                 "eval_records": {k: v for k, v in records.items() if k.startswith("eval")},
             }
             _write_json(out / "eval.json", report)
