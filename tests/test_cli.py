@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from cli_support import assert_one_line_error
 from fmforge.cli import main
 
 
@@ -14,15 +15,6 @@ def run_cli(capsys, *args) -> tuple[int, str]:
     code = main([str(a) for a in args])
     err = capsys.readouterr().err
     return code, err
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if line.startswith("fmforge: error")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_empty_corpus(capsys, tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmforge.cli import main
+from cli_support import assert_one_line_error, cli
 from fmforge.flywheel.cycle import CycleConfig, gate, run_cycle
 from fmforge.flywheel.registry import Registry, load_version
 from fmforge.flywheel.store import FeedbackStore
@@ -65,19 +65,6 @@ def _feedback(db: str, start: int = 0, n: int = 24) -> None:
         if i % 4 == 1:
             store.add_feedback(gen_id, "edit", f"x + {i}  # fixed", choice_index=1)
     store.close()
-
-
-def cli(capsys, *args):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_line_error(code, err, needle):
-    assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if line.startswith("fmforge: error")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert needle in lines[0], lines[0]
 
 
 def test_cycle_registers_a_candidate_with_lineage_that_loads_in_peft(
@@ -199,22 +186,22 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, serve_model_dir, cap
     assert code == 0 and "nothing to learn from yet: no feedback" in out, out + err
     assert not (tmp_path / "c").exists() and Registry(db).list() == []  # no v0 either
     code, out, err = cli(capsys, "flywheel", "promote", "v3", "--db", db)
-    one_line_error(code, err, "'v3' is not in the registry")
+    assert_one_line_error(code, err, "'v3' is not in the registry")
     code, out, err = cli(capsys, "flywheel", "lineage", "v3", "--db", db)
-    one_line_error(code, err, "'v3' is not in the registry")
+    assert_one_line_error(code, err, "'v3' is not in the registry")
     code, out, err = cli(capsys, "flywheel", "rollback", "--db", db)
-    one_line_error(code, err, "no earlier version to roll back to")
+    assert_one_line_error(code, err, "no earlier version to roll back to")
     code, out, err = cli(capsys, "flywheel", "cycle", "--db", db, "--out", tmp_path / "c",
                          "--metric", "vibes")  # fmt: skip
-    one_line_error(code, err, "--metric 'vibes' is not one of")
+    assert_one_line_error(code, err, "--metric 'vibes' is not one of")
     _feedback(db, n=3)
     code, out, err = cli(capsys, "flywheel", "cycle", "--db", db, "--out", tmp_path / "c")
-    one_line_error(code, err, "the registry is empty: pass --serving MODEL")
+    assert_one_line_error(code, err, "the registry is empty: pass --serving MODEL")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("x")
     code, out, err = cli(capsys, "flywheel", "cycle", "--db", db, "--serving", serve_model_dir,
                          "--out", tmp_path / "busy")  # fmt: skip
-    one_line_error(code, err, "is not empty and holds no cycle")
+    assert_one_line_error(code, err, "is not empty and holds no cycle")
     from sqlalchemy import update
 
     from fmforge.flywheel.registry import registry_schema
@@ -224,10 +211,10 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, serve_model_dir, cap
         conn.execute(update(registry_schema).values(version=2))
     registry.close()
     code, out, err = cli(capsys, "flywheel", "ls", "--db", db)
-    one_line_error(code, err, "schema version 2, newer than this fmforge understands (1)")
+    assert_one_line_error(code, err, "schema version 2, newer than this fmforge understands (1)")
     code, out, err = cli(capsys, "flywheel", "cycle", "--db", db, "--serving", serve_model_dir,
                          "--out", tmp_path / "c3", *TINY_ARGS)  # fmt: skip
-    one_line_error(code, err, "schema version 2")
+    assert_one_line_error(code, err, "schema version 2")
     assert not (tmp_path / "c3").exists()
 
 

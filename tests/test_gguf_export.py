@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_support import assert_one_line_error
 from fmforge.cli import main
 from fmforge.generate.engine import generate_tokens
 from fmforge.model.gguf import load_gguf, unpermute
@@ -74,24 +75,15 @@ def test_export_command_writes_gguf(bundle, tmp_path, capsys):
     assert load_gguf(out).config.hidden_size == bundle.config.hidden_size
 
 
-def assert_one_line_error(capsys, code, *needles):
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if line.startswith("fmforge: error")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
 def test_unknown_format_and_dtype_are_one_line_errors(bundle, tmp_path, capsys):
     model_dir = bundle.save(tmp_path / "dir")
     out = tmp_path / "m.gguf"
     code = main(["export", str(model_dir), "--format", "onnx", "--out", str(out)])
-    assert_one_line_error(capsys, code, "onnx")
+    assert_one_line_error(code, capsys.readouterr().err, "onnx")
     code = main(
         ["export", str(model_dir), "--format", "gguf", "--dtype", "q3_k", "--out", str(out)]
     )
-    assert_one_line_error(capsys, code, "q3_k")
+    assert_one_line_error(code, capsys.readouterr().err, "q3_k")
     assert not out.exists()
 
 
@@ -105,7 +97,7 @@ def test_gguf_of_unsupported_architecture_is_a_one_line_error(tmp_path, capsys):
     writer.write_tensors_to_file()
     writer.close()
     code = main(["generate", str(path), "--prompt", "hello"])
-    assert_one_line_error(capsys, code, "mamba")
+    assert_one_line_error(code, capsys.readouterr().err, "mamba")
 
 
 def _llama_simple_continuation(path: Path, prompt: str, tokens: int) -> str:

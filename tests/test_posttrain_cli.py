@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from fmforge.cli import main
+from cli_support import assert_one_line_error, cli
 from fmforge.model.load import load_model_dir, save_model_dir
 from fmforge.tokenizer import Tokenizer
 from polling import wait_until
@@ -23,19 +23,6 @@ def base_dir(tokenizer_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("base") / "model"
     save_model_dir(tiny_lm(tok.vocab_size), tok, out)
     return out
-
-
-def cli(capsys, *args):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_line_error(code, err, needle):
-    assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if line.startswith("fmforge: error")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert needle in lines[0], lines[0]
 
 
 def test_sft_writes_a_model_dir_that_loads(base_dir, tmp_path, capsys):
@@ -101,7 +88,7 @@ def test_missing_field_in_a_preference_file(base_dir, tmp_path, capsys):
     code, _, err = cli(
         capsys, "posttrain", "dpo", "--base", base_dir, "--data", data, "--out", tmp_path / "o"
     )
-    one_line_error(code, err, "prefs.jsonl:3: missing field 'chosen'")
+    assert_one_line_error(code, err, "prefs.jsonl:3: missing field 'chosen'")
 
 
 @pytest.mark.parametrize("recipe", ["dpo", "reward", "grpo", "sft"])
@@ -123,7 +110,7 @@ def test_errors_name_the_real_line_after_blank_lines(recipe, base_dir, tmp_path,
     code, _, err = cli(
         capsys, "posttrain", recipe, "--base", base_dir, "--data", data, "--out", tmp_path / "o"
     )
-    one_line_error(code, err, needle)
+    assert_one_line_error(code, err, needle)
 
 
 def test_empty_assistant_turn(base_dir, tmp_path, capsys):
@@ -133,7 +120,7 @@ def test_empty_assistant_turn(base_dir, tmp_path, capsys):
     code, _, err = cli(
         capsys, "posttrain", "sft", "--base", base_dir, "--data", data, "--out", tmp_path / "o"
     )
-    one_line_error(code, err, "sft.jsonl:1: messages[1] is an empty assistant turn")
+    assert_one_line_error(code, err, "sft.jsonl:1: messages[1] is an empty assistant turn")
 
 
 def test_base_without_a_chat_template(tmp_path, capsys):
@@ -156,7 +143,7 @@ def test_base_without_a_chat_template(tmp_path, capsys):
     code, _, err = cli(
         capsys, "posttrain", "sft", "--base", base, "--data", data, "--out", tmp_path / "o"
     )
-    one_line_error(code, err, "no <|im_start|> / <|im_end|> tokens")
+    assert_one_line_error(code, err, "no <|im_start|> / <|im_end|> tokens")
 
 
 def test_grpo_with_a_compile_reward(base_dir, tmp_path, capsys):
@@ -182,7 +169,7 @@ def test_grpo_unknown_reward(base_dir, tmp_path, capsys):
         capsys, "posttrain", "grpo", "--base", base_dir, "--data", data, "--out", tmp_path / "g",
         "--reward", "no_such_reward",
     )  # fmt: skip
-    one_line_error(code, err, "--reward 'no_such_reward'")
+    assert_one_line_error(code, err, "--reward 'no_such_reward'")
 
 
 def _kill_and_resume(command, run, kill_after, env=None):

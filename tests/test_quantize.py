@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from cli_support import assert_one_line_error
 from fmforge.cli import main
 from fmforge.generate.engine import generate_tokens
 from fmforge.model.llama import LlamaForCausalLM
@@ -174,18 +175,9 @@ def test_quantize_command_writes_a_dir_that_loads_and_generates(model_dir, tmp_p
     assert len(text) == 5
 
 
-def assert_one_line_error(capsys, code, *needles):
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if line.startswith("fmforge: error")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
 def test_bits_3_is_a_one_line_error(model_dir, tmp_path, capsys):
     code = main(["quantize", str(model_dir), "--bits", "3", "--out", str(tmp_path / "q")])
-    assert_one_line_error(capsys, code, "--bits 3")
+    assert_one_line_error(code, capsys.readouterr().err, "--bits 3")
     assert not (tmp_path / "q").exists()
 
 
@@ -210,12 +202,14 @@ def test_corrupted_scales_are_a_one_line_error(model_dir, tmp_path, capsys, corr
         save_file(state, str(file))
     capsys.readouterr()
     code = main(["generate", str(out), "--prompt", "def", "--max-new-tokens", "2"])
-    assert_one_line_error(capsys, code, "safetensors" if corruption == "bytes" else key)
+    assert_one_line_error(
+        code, capsys.readouterr().err, "safetensors" if corruption == "bytes" else key
+    )
 
 
 def test_unknown_quantize_value_is_a_one_line_error(model_dir, capsys):
     code = main(["generate", str(model_dir), "--prompt", "def", "--quantize", "int3"])
-    assert_one_line_error(capsys, code, "int3")
+    assert_one_line_error(code, capsys.readouterr().err, "int3")
 
 
 def test_foreign_quantization_config_is_a_one_line_error(model_dir, capsys):
@@ -223,7 +217,7 @@ def test_foreign_quantization_config_is_a_one_line_error(model_dir, capsys):
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
     (model_dir / "config.json").write_text(json.dumps(config))
     code = main(["generate", str(model_dir), "--prompt", "def", "--max-new-tokens", "2"])
-    assert_one_line_error(capsys, code, "gptq")
+    assert_one_line_error(code, capsys.readouterr().err, "gptq")
 
 
 def test_quantised_dir_serves_over_http(model_dir, tmp_path):
