@@ -127,8 +127,9 @@ def _many(store: FeedbackStore, start: int, n: int) -> None:
 
 def test_eval_split_is_frozen_and_never_enters_training(store):
     _many(store, 0, 40)
-    first_end = time.time()
-    time.sleep(0.01)
+    first_end = max(f["created"] for f in store.list_feedback())
+    while time.time() <= first_end:  # the next rows must fall after the first window's end
+        pass
     _many(store, 40, 40)
     files, manifest = build_dataset(store, first_end, time.time() + 1, eval_percent=25)
     train = files["train_sft.jsonl"] + files["train_dpo.jsonl"]
