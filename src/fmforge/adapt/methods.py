@@ -185,8 +185,7 @@ class ICL(_Prompted):
         if first:
             rows.append({**self.run(loaded, task, _with(options, shots=0)).row})
             rows[-1]["examples_per_class"] = 0
-        shots = min(task.provenance.get("examples_per_class") or 1, 1) * len(task.labels)
-        rows.append(self.run(loaded, task, _with(options, shots=shots)).row)
+        rows.append(self.run(loaded, task, _with(options, shots=len(task.labels))).row)
         return rows
 
 
