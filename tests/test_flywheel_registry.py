@@ -47,9 +47,11 @@ def test_register_promote_rollback_and_history(db_url):
     v2 = _candidate(registry, "v1", "sha256:bbb")
     registry.promote(v2.id, by="alice")
     assert registry.serving().id == "v2"
+    assert registry.rollback_target().id == "v1" and registry.serving().id == "v2"  # no write
     assert registry.rollback(by="bob").id == "v1"
     assert registry.serving().id == "v1" and registry.serving_since() >= since
     assert registry.rollback(by="bob").id == "v0"  # rollbacks walk back through promotions
+    assert registry.rollback_target() is None
     with pytest.raises(UserError, match="no earlier version"):
         registry.rollback(by="bob")
     events = [(e["version"], e["action"], e["by"]) for e in registry.history()]

@@ -309,13 +309,19 @@ class Registry:
         self._write(event, status)
         return self.get(version_id)
 
+    def rollback_target(self) -> Version | None:
+        """Return the version `rollback` would serve (None: nothing earlier), writing nothing."""
+        stack = self._serving_stack()
+        return self.get(stack[-2]) if len(stack) >= 2 else None
+
     def rollback(self, by: str) -> Version:
         """Serve the version that served before the current one again; return it."""
-        stack = self._serving_stack()
-        if len(stack) < 2:
-            serving = stack[-1] if stack else "nothing"
-            raise UserError(f"no earlier version to roll back to ({serving} is the first served)")
-        previous = stack[-2]
+        target = self.rollback_target()
+        if target is None:
+            serving = self.serving()
+            first = serving.id if serving else "nothing"
+            raise UserError(f"no earlier version to roll back to ({first} is the first served)")
+        previous = target.id
         self._write(
             serving_events.insert().values(
                 version=previous, action="rollback", by=by, created=time.time()

@@ -272,7 +272,7 @@ class RegistryFollower:
         async with self.lock:
             self._check_draining()
             previous = self.serving.current.version
-            target = await run_in_threadpool(self._rollback_target)
+            target = await run_in_threadpool(self.registry.rollback_target)
             slot = await self._admin_load(target) if target is not None else None
             try:
                 version = await run_in_threadpool(self.registry.rollback, by)
@@ -288,12 +288,6 @@ class RegistryFollower:
                 slot = await self._admin_load(version)
             self._switch(slot)
             return _changed(version.id, previous, True)
-
-    def _rollback_target(self) -> Any | None:
-        # The version `registry.rollback` will return, so it can be loaded before the event is
-        # written (the registry replays its events as a stack: promote pushes, rollback pops).
-        stack = self.registry._serving_stack()
-        return self.registry.get(stack[-2]) if len(stack) >= 2 else None
 
     async def _admin_load(self, version: Any) -> ModelSlot | None:
         if version.id == self.serving.current.version:
