@@ -11,11 +11,11 @@ from fmforge.errors import UserError
 def _quantize_parser() -> ArgumentParser:
     p = new_parser("Write a model dir with int8 or int4 weights that load, generate and serve run.")
     p.add_argument("model", help="a model dir, a built-in name (fmforge models) or a .gguf file")
-    p.add_argument("--bits", type=int, required=True, help="8 (Q8_0-like) or 4 (Q4_0-like)")
+    p.add_argument("--bits", type=int, required=True, help="8 or 4 (scale and min per 32 weights)")
     p.add_argument(
         "--per-channel",
         action="store_true",
-        help="int8 only: one scale per output row instead of one per 32 inputs",
+        help="int8 only: one scale and minimum per output row instead of per 32 inputs",
     )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")

@@ -2,13 +2,18 @@
 bias-free nn.Linear (the lm_head included) for a `QuantLinear` that keeps its weight as int8 or
 int4 blocks and multiplies without ever writing an fp32 copy of it.
 
-Formats (the blocks of llama.cpp's Q8_0 and Q4_1, fp16 scales):
-- int8, groups of 32 (default): q = round(w / s) in [-127, 127], s = max|w| / 127 per 32 inputs;
-- int8, per output channel (group_size=0): one s per row, the same rule over the whole row;
-- int4, groups of 32: w = s * q + m with q in [0, 15], m = the block's minimum,
-  s = (max - min) / 15, two q per byte (see native/quant.c). The minimum costs half a bit per
-  weight over Q4_0's symmetric blocks and buys accuracy: on SmolLM2 (whose GGUF holds Q4_1 blocks
-  of 32, which this format reproduces exactly) symmetric int4 raised perplexity by 24%.
+One rule for both widths, asymmetric blocks with fp16 scale and minimum (llama.cpp's Q4_1 block,
+and its 8-bit analogue): per group of 32 inputs, w = s * q + m with m = the group's minimum,
+s = (max - min) / (2^bits - 1) and q = round((w - m) / s), an unsigned integer:
+- int8, groups of 32 (default): q in [0, 255], one byte each; 9 bits per weight;
+- int8, per output channel (group_size=0): one (s, m) per row, the same rule over the whole row;
+- int4, groups of 32: q in [0, 15], two per byte (see native/quant.c); 5 bits per weight.
+The minimum costs half a bit per weight over llama.cpp's symmetric Q8_0/Q4_0 blocks (q = round(w /
+s), s = max|w| / (2^(bits-1) - 1)) and buys accuracy on SmolLM2, whose GGUF holds Q4_1 blocks of
+32: both widths reproduce those weights (int4 exactly; int8 up to its fp16 scale, s = 15 d / 255
+for a Q4_1 scale d, so q = 17 q4), where symmetric blocks re-round them. Measured: symmetric int4
+raised perplexity by 24%; symmetric int8 kept the first 16 greedy tokens of 17 of 20 chat answers,
+asymmetric int8 19 of 20 (docs/quantize.md).
 Rows whose width is not a multiple of 32 are padded with zero inputs. Embeddings and norms stay
 fp32 (an embedding is gathered one row per token, so it is never a decode step's cost); a tied
 lm_head gets its own quantised copy. With the default head_bits, int4 models keep the lm_head at
@@ -16,11 +21,13 @@ int8, as llama.cpp keeps its output matrix at higher precision: the logits are t
 product of the network.
 
 A quantised model dir is an ordinary model dir whose config.json has
-`"quantization_config": {"quant_method": "fmforge", "bits", "group_size", "head_bits"}` and whose
-model.safetensors holds, for each quantised linear `NAME`, `NAME.qweight` (int8 (out, in_padded),
-or uint8 (out, in_padded / 2) for int4), `NAME.scales` (fp16 (out, groups)) and, for int4,
-`NAME.mins` (fp16 (out, groups)) instead of `NAME.weight`. `fmforge.load` rebuilds the
-QuantLinears from that key before reading the weights.
+`"quantization_config": {"quant_method": "fmforge", "format_version": 2, "bits", "group_size",
+"head_bits"}` and whose model.safetensors holds, for each quantised linear `NAME`, `NAME.qweight`
+(uint8: (out, in_padded) for int8, (out, in_padded / 2) for int4), `NAME.scales` and `NAME.mins`
+(fp16 (out, groups)) instead of `NAME.weight`. `fmforge.load` rebuilds the QuantLinears from that
+key before reading the weights. Format 1 (no `format_version`: fmforge before 2026-12) stored
+int8 layers symmetrically (int8 q in [-127, 127], no mins); such dirs still load, converted
+exactly on load (q + 128 with m = -128 s).
 
 The products run in native/quant.c when it builds: int8 weights widened to fp32 in registers
 against fp32 activations; int4 with activations quantised to int8 per block of 32 and integer dot
@@ -41,6 +48,7 @@ from fmforge.model.native import quant as native_quant
 
 BLOCK = 32
 QUANT_METHOD = "fmforge"
+FORMAT_VERSION = 2  # 1: symmetric int8 layers (int8 q, no mins); read and converted on load
 # int8 products widen the weights to fp32 in registers and keep the activations unrounded: on
 # SmolLM2, int8 activations (llama.cpp's way) changed the first 16 greedy tokens of 5 of 20 chat
 # answers; the int4 kernel rounds activations to int8 per block, as llama.cpp does.
@@ -54,27 +62,25 @@ def _padded(in_features: int) -> int:
 
 def quantize_weight(weight: torch.Tensor, bits: int, group_size: int = BLOCK):
     """Return (qweight, scales, mins) for an fp weight (out, in): the layouts in the module
-    docstring; mins is None for int8."""
+    docstring (w = scales * q + mins per group)."""
+    if bits not in BITS or group_size not in (0, BLOCK) or (bits == 4 and group_size != BLOCK):
+        raise ConfigError(
+            f"bits={bits}, group_size={group_size}: supported are 8 (32 or 0), 4 (32)"
+        )
     out, cols = weight.shape
     kp = _padded(cols)
     w = torch.zeros(out, kp, dtype=torch.float32, device=weight.device)
     w[:, :cols] = weight.detach().float()
-    if bits == 8:
-        group = kp if group_size == 0 else group_size
-        blocks = w.view(out, kp // group, group)  # (out, groups, G)
-        scales = (blocks.abs().amax(-1) / 127).half()  # (out, groups), rounded as stored
-        divisor = scales.float().masked_fill(scales == 0, 1.0).unsqueeze(-1)
-        q = torch.round(blocks / divisor).clamp_(-127, 127).to(torch.int8)
-        return q.view(out, kp), scales, None
-    if bits != 4 or group_size != BLOCK:
-        raise ConfigError(
-            f"bits={bits}, group_size={group_size}: supported are 8 (32 or 0), 4 (32)"
-        )
-    blocks = w.view(out, kp // BLOCK, BLOCK)  # (out, groups, 32)
+    group = kp if group_size == 0 else group_size
+    blocks = w.view(out, kp // group, group)  # (out, groups, G)
     low, high = blocks.amin(-1), blocks.amax(-1)
-    mins, scales = low.half(), ((high - low) / 15).half()  # (out, groups), rounded as stored
+    levels = 2**bits - 1
+    mins, scales = low.half(), ((high - low) / levels).half()  # (out, groups), rounded as stored
     divisor = scales.float().masked_fill(scales == 0, 1.0).unsqueeze(-1)
-    q = torch.round((blocks - mins.float().unsqueeze(-1)) / divisor).clamp_(0, 15).to(torch.uint8)
+    q = torch.round((blocks - mins.float().unsqueeze(-1)) / divisor).clamp_(0, levels)
+    q = q.to(torch.uint8)
+    if bits == 8:
+        return q.view(out, kp), scales, mins
     packed = q[..., : BLOCK // 2] | (q[..., BLOCK // 2 :] << 4)  # (out, groups, 16)
     return packed.reshape(out, kp // 2), scales, mins
 
@@ -84,24 +90,33 @@ def dequantize_weight(
     scales: torch.Tensor,
     bits: int,
     in_features: int,
-    mins: torch.Tensor | None = None,
+    mins: torch.Tensor,
 ) -> torch.Tensor:
-    """Return the fp32 weight (out, in_features) that (qweight, scales[, mins]) stand for."""
+    """Return the fp32 weight (out, in_features) that (qweight, scales, mins) stand for."""
     out, groups = scales.shape
     if bits == 8:
-        kp = qweight.shape[1]
-        w = qweight.float().view(out, groups, kp // groups) * scales.float().unsqueeze(-1)
+        q = qweight.float().view(out, groups, qweight.shape[1] // groups)
     else:
         packed = qweight.view(out, groups, BLOCK // 2)  # (out, groups, 16)
         q = torch.cat((packed & 0x0F, packed >> 4), dim=-1).float()  # (out, groups, 32)
-        w = q * scales.float().unsqueeze(-1) + mins.float().unsqueeze(-1)
+    w = q * scales.float().unsqueeze(-1) + mins.float().unsqueeze(-1)
     return w.reshape(out, -1)[:, :in_features]
 
 
 class QuantLinear(nn.Module):
-    """A bias-free linear with an int8 or int4 weight: x (..., in) -> (..., out)."""
+    """A bias-free linear with an int8 or int4 weight: x (..., in) -> (..., out).
 
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = BLOCK):
+    legacy=True (int8 only) builds the empty layer a format-1 dir's symmetric int8 tensors load
+    into; loading converts them to the current layout."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int = BLOCK,
+        legacy: bool = False,
+    ):
         super().__init__()
         if bits not in BITS or (bits == 4 and group_size != BLOCK) or group_size not in (0, BLOCK):
             raise ConfigError(
@@ -109,22 +124,23 @@ class QuantLinear(nn.Module):
             )
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
+        self.legacy = legacy and bits == 8
         kp = _padded(in_features)
         groups = 1 if group_size == 0 else kp // BLOCK
-        dtype, width = (torch.int8, kp) if bits == 8 else (torch.uint8, kp // 2)
+        width = kp if bits == 8 else kp // 2
+        dtype = torch.int8 if self.legacy else torch.uint8
         self.register_buffer("qweight", torch.zeros(out_features, width, dtype=dtype))
         self.register_buffer("scales", torch.zeros(out_features, groups, dtype=torch.float16))
-        mins = torch.zeros(out_features, groups, dtype=torch.float16) if bits == 4 else None
-        self.register_buffer("mins", mins)  # int4 only; None is left out of the state dict
+        mins = None if self.legacy else torch.zeros(out_features, groups, dtype=torch.float16)
+        self.register_buffer("mins", mins)  # None (legacy) is left out of the state dict
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = BLOCK) -> QuantLinear:
         """Return the quantised twin of a bias-free nn.Linear."""
         module = cls(linear.in_features, linear.out_features, bits, group_size)
-        qweight, scales, mins = quantize_weight(linear.weight, bits, group_size)
-        module.qweight, module.scales = qweight, scales
-        if mins is not None:
-            module.mins = mins
+        module.qweight, module.scales, module.mins = quantize_weight(
+            linear.weight, bits, group_size
+        )
         return module.to(linear.weight.device)
 
     @property
@@ -163,9 +179,14 @@ class QuantLinear(nn.Module):
                     "corrupted: quantize it again"
                 )
         qweight = state_dict.get(prefix + "qweight")
-        if qweight is not None and self.bits == 8 and qweight.numel() and qweight.min() < -127:
+        if qweight is not None and self.legacy and qweight.numel() and qweight.min() < -127:
             raise UserError(f"{prefix}qweight holds -128, outside int8's [-127, 127]: corrupted")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.legacy and prefix + "qweight" in state_dict:
+            # format 1: w = s * q, q in [-127, 127] is s * (q + 128) - 128 s, exactly
+            self.qweight = (self.qweight.to(torch.int16) + 128).to(torch.uint8)
+            self.mins = (self.scales.float() * -128).half()
+            self.legacy = False
 
 
 def native_ready(x: torch.Tensor, module: QuantLinear) -> bool:
@@ -199,8 +220,7 @@ def grouped_matmul(modules: list[QuantLinear], x: torch.Tensor) -> torch.Tensor:
     args = []
     for i in range(3):
         m = modules[i] if i < len(modules) else first
-        mins = None if m.mins is None else m.mins.data_ptr()
-        args += [m.qweight.data_ptr(), m.scales.data_ptr(), mins, m.out_features]
+        args += [m.qweight.data_ptr(), m.scales.data_ptr(), m.mins.data_ptr(), m.out_features]
     lib.fmforge_quant_group(
         x.data_ptr(), rows, k, kp, first.bits, per_scale, len(modules), *args,
         y.data_ptr(), int(first.bits == 8 and FLOAT_ACTIVATIONS_INT8), torch.get_num_threads(),
@@ -230,6 +250,7 @@ def quantization_config(bits: int, group_size: int, head_bits: int) -> dict[str,
     """Return the `quantization_config` entry a quantised model dir's config.json carries."""
     return {
         "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
         "bits": bits,
         "group_size": group_size,
         "head_bits": head_bits,
@@ -286,8 +307,14 @@ def prepare_quantized(model: nn.Module, config: Any, source: str = "config.json"
     try:
         bits, group_size = int(config["bits"]), int(config["group_size"])
         head_bits = int(config.get("head_bits", bits))
+        version = int(config.get("format_version", 1))
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{source}: quantization_config lacks a valid {e}") from e
+    if version not in (1, FORMAT_VERSION):
+        raise UserError(
+            f"{source}: quantization_config format_version={version}; this fmforge reads 1 and "
+            f"{FORMAT_VERSION}: upgrade fmforge or quantize the model again"
+        )
     for value, allowed, what in ((bits, BITS, "bits"), (head_bits, BITS, "head_bits")):
         if value not in allowed:
             raise UserError(f"{source}: quantization_config {what}={value}: use 8 or 4")
@@ -296,7 +323,8 @@ def prepare_quantized(model: nn.Module, config: Any, source: str = "config.json"
     for parent, name, linear in _targets(model):
         width = head_bits if name == "lm_head" else bits
         group = group_size if width == 8 else BLOCK
-        setattr(parent, name, QuantLinear(linear.in_features, linear.out_features, width, group))
+        layer = QuantLinear(linear.in_features, linear.out_features, width, group, version == 1)
+        setattr(parent, name, layer)
     model.quantization_config = quantization_config(bits, group_size, head_bits)
 
 

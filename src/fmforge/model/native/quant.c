@@ -6,11 +6,14 @@
  *   activations: each row of x (rows, k) is quantised to int8 in blocks of 32 (xq, rows x kp,
  *     kp = k rounded up to 32, tail zero) with one fp32 scale per block (dx) and, for int4, the
  *     block's sum of quantised values (xsum); llama.cpp quantises activations the same way.
- *   int8 weights: w (n, kp) int8 in [-127, 127]; scales (n, groups) fp16, one per
- *     `per_scale` blocks of 32 (1 for groups of 32, kp / 32 for one scale per row).
+ *   int8 weights: w (n, kp) uint8, q in [0, 255] standing for scale * q + min; scales and mins
+ *     (n, groups) fp16, one pair per `per_scale` blocks of 32 (1 for groups of 32, kp / 32 for
+ *     one pair per row).
  *   int4 weights: w (n, kp / 2) uint8; block b of a row is bytes 16b .. 16b + 15, byte i holding
  *     element 32b + i in its low nibble and element 32b + 16 + i in its high nibble, q in [0, 15]
  *     standing for scale * q + min (llama.cpp's Q4_1 block); scales and mins (n, kp / 32) fp16.
+ * Both are asymmetric: a block's product is scale * sum(q x) + min * sum(x), and sum(x) is
+ * computed once per activation block for every weight row.
  * The weights stay quantised in memory: each block is widened in registers, multiplied as
  * integers with the activation block (maddubs on AVX2, vpdpbusd with AVX512-VNNI) and scaled
  * once per block, so a product reads 1 (int8) or 0.5 (int4) bytes per weight plus the scales.
@@ -101,18 +104,18 @@ static inline __m256i dot_u8_s8(__m256i u, __m256i s) {
 #endif
 }
 
-/* Eight int32 partial sums of int8 weights w times int8 activations x. With VNNI: w + 128 as
- * unsigned bytes (one xor) in vpdpbusd, and Q8_OFFSET * sum(x) is taken back out per block by
- * the caller; maddubs would saturate on 255 * 127 * 2, so without VNNI take |w| and move w's sign
- * onto x instead (llama.cpp's trick; w and x never hold -128). */
+/* Eight int32 partial sums of (q - Q8_SHIFT) x for uint8 weights q and int8 activations x; the
+ * caller adds Q8_SHIFT * sum(x) back per block. With VNNI, vpdpbusd takes q as it is (shift 0).
+ * maddubs would saturate on 255 * 127 * 2, so without VNNI q - 128 (one xor) goes in as int8,
+ * its magnitude as the unsigned operand and its sign moved onto x (llama.cpp's trick; |q - 128|
+ * <= 128 and |x| <= 127 keep each pair sum within int16). */
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-#define Q8_OFFSET 128.0f
-static inline __m256i dot_q8(__m256i w, __m256i x) {
-    return dot_u8_s8(_mm256_xor_si256(w, _mm256_set1_epi8((char)0x80)), x);
-}
+#define Q8_SHIFT 0.0f
+static inline __m256i dot_q8(__m256i q, __m256i x) { return dot_u8_s8(q, x); }
 #else
-#define Q8_OFFSET 0.0f
-static inline __m256i dot_q8(__m256i w, __m256i x) {
+#define Q8_SHIFT 128.0f
+static inline __m256i dot_q8(__m256i q, __m256i x) {
+    const __m256i w = _mm256_xor_si256(q, _mm256_set1_epi8((char)0x80));
     return dot_u8_s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
 }
 #endif
@@ -120,15 +123,15 @@ static inline __m256i dot_q8(__m256i w, __m256i x) {
 #endif
 
 /* One output row j for one activation row: the portable reference of the two kernels below. */
-static float dot_row_q8(const int8_t *xr, const float *dr, const int8_t *wj, const uint16_t *sj,
-                        int64_t groups, int64_t per_scale) {
+static float dot_row_q8(const int8_t *xr, const float *dr, const int32_t *sr, const uint8_t *wj,
+                        const uint16_t *sj, const uint16_t *mj, int64_t groups, int64_t per_scale) {
     float acc = 0.0f;
     for (int64_t g = 0; g < groups; g++) {
-        const float ws = half_to_float(sj[g]);
+        const float ws = half_to_float(sj[g]), wm = half_to_float(mj[g]);
         for (int64_t b = g * per_scale; b < (g + 1) * per_scale; b++) {
             int32_t dot = 0;
             for (int i = 0; i < BLOCK; i++) dot += (int32_t)wj[b * BLOCK + i] * xr[b * BLOCK + i];
-            acc += (float)dot * (dr[b] * ws);
+            acc += dr[b] * (ws * (float)dot + wm * (float)sr[b]); /* sum (s q + m) x */
         }
     }
     return acc;
@@ -168,12 +171,14 @@ static inline __m256 pair_sums(const int32_t *sr) {
     return _mm256_cvtepi32_ps(_mm256_castpd_si256(_mm256_set1_pd(pair)));
 }
 
-/* Four output rows at once for one activation row, int8 weights with one scale per block. Blocks
- * go in pairs: each row's two products are folded into one vector (lanes 0-1 and 4-5: block b,
- * 2-3 and 6-7: block b + 1) and scaled by one multiply-add, so the per-block scalar work of a
- * naive loop (convert, multiply, broadcast) is shared by 4 rows and 2 blocks. */
-static void dot4_q8(const int8_t *xr, const float *dr, const int32_t *sr, const int8_t *w,
-                    const uint16_t *s, int64_t kp, int64_t blocks, float *out) {
+/* Four output rows at once for one activation row, int8 weights with a scale and a min per
+ * block. Blocks go in pairs: each row's two products are folded into one vector (lanes 0-1 and
+ * 4-5: block b, 2-3 and 6-7: block b + 1) and scaled by one multiply-add, so the per-block scalar
+ * work of a naive loop (convert, multiply, broadcast) is shared by 4 rows and 2 blocks; the
+ * (min + Q8_SHIFT * scale) * sum(x) terms of 4 rows x 2 blocks take one more. */
+static void dot4_q8(const int8_t *xr, const float *dr, const int32_t *sr, const uint8_t *w,
+                    const uint16_t *s, const uint16_t *mins, int64_t kp, int64_t blocks,
+                    float *out) {
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
                      _mm256_setzero_ps()};
     __m256 offset = _mm256_setzero_ps();
@@ -187,9 +192,11 @@ static void dot4_q8(const int8_t *xr, const float *dr, const int32_t *sr, const 
         const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xr + b * BLOCK));
         const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xr + (b + 1) * BLOCK));
         const __m256 d = pair_scales(s + b, blocks, dr + b);
-        offset = _mm256_fmadd_ps(d, pair_sums(sr + b), offset);
+        const __m256 m = _mm256_fmadd_ps(d, _mm256_set1_ps(Q8_SHIFT),
+                                         pair_scales(mins + b, blocks, dr + b));
+        offset = _mm256_fmadd_ps(m, pair_sums(sr + b), offset);
         for (int c = 0; c < 4; c++) {
-            const int8_t *wc = w + c * kp + b * BLOCK;
+            const uint8_t *wc = w + c * kp + b * BLOCK;
             const __m256i w0 = _mm256_loadu_si256((const __m256i *)wc);
             const __m256i w1 = _mm256_loadu_si256((const __m256i *)(wc + BLOCK));
             const __m256i dot = _mm256_hadd_epi32(dot_q8(w0, x0), dot_q8(w1, x1));
@@ -200,16 +207,17 @@ static void dot4_q8(const int8_t *xr, const float *dr, const int32_t *sr, const 
     float off[8];
     _mm256_storeu_ps(off, offset);
     for (int c = 0; c < 4; c++) {
-        out[c] = hsum(acc[c]) - Q8_OFFSET * (off[2 * c] + off[2 * c + 1]);
+        out[c] = hsum(acc[c]) + off[2 * c] + off[2 * c + 1];
         if (b < blocks) /* an odd last block */
-            out[c] += dot_row_q8(xr + b * BLOCK, dr + b, w + c * kp + b * BLOCK,
-                                 s + c * blocks + b, 1, 1);
+            out[c] += dot_row_q8(xr + b * BLOCK, dr + b, sr + b, w + c * kp + b * BLOCK,
+                                 s + c * blocks + b, mins + c * blocks + b, 1, 1);
     }
 }
 
-/* Four output rows at once for one activation row, int8 weights with one scale per row. */
-static void dot4_q8_rows(const int8_t *xr, const float *dr, const int32_t *sr, const int8_t *w,
-                         const uint16_t *s, int64_t kp, int64_t blocks, float *out) {
+/* Four output rows at once for one activation row, int8 weights with one scale and min per row. */
+static void dot4_q8_rows(const int8_t *xr, const float *dr, const int32_t *sr, const uint8_t *w,
+                         const uint16_t *s, const uint16_t *mins, int64_t kp, int64_t blocks,
+                         float *out) {
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
                      _mm256_setzero_ps()};
     float offset = 0.0f;
@@ -222,8 +230,9 @@ static void dot4_q8_rows(const int8_t *xr, const float *dr, const int32_t *sr, c
             acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_q8(wv, xv)), d, acc[c]);
         }
     }
-    for (int c = 0; c < 4; c++)
-        out[c] = half_to_float(s[c]) * (hsum(acc[c]) - Q8_OFFSET * offset);
+    for (int c = 0; c < 4; c++) /* sum x = offset: s (sum (q - shift) x + shift sum x) + m sum x */
+        out[c] = half_to_float(s[c]) * (hsum(acc[c]) + Q8_SHIFT * offset) +
+                 half_to_float(mins[c]) * offset;
 }
 
 /* Four output rows at once for one activation row, int4 weights. Blocks go in pairs: 32 bytes
@@ -270,15 +279,17 @@ static void dot4_q4(const int8_t *xr, const float *dr, const int32_t *sr, const 
 }
 #endif
 
-/* One output row of int8 weights times fp32 activations (padded to kp): the reference. */
-static float dot_row_q8_float(const float *xr, const int8_t *wj, const uint16_t *sj, int64_t groups,
+/* One output row of int8 weights times fp32 activations (padded to kp; xs: their sum per group):
+ * the reference. */
+static float dot_row_q8_float(const float *xr, const float *xs, const uint8_t *wj,
+                              const uint16_t *sj, const uint16_t *mj, int64_t groups,
                               int64_t per_scale) {
     float acc = 0.0f;
     for (int64_t g = 0; g < groups; g++) {
         float part = 0.0f;
         for (int64_t c = g * per_scale * BLOCK; c < (g + 1) * per_scale * BLOCK; c++)
             part += (float)wj[c] * xr[c];
-        acc += part * half_to_float(sj[g]);
+        acc += part * half_to_float(sj[g]) + half_to_float(mj[g]) * xs[g];
     }
     return acc;
 }
@@ -286,11 +297,14 @@ static float dot_row_q8_float(const float *xr, const int8_t *wj, const uint16_t 
 #ifdef FMFORGE_AVX2
 /* Four output rows of int8 weights times fp32 activations: each weight is widened to fp32 in
  * registers (8 at a time) and multiplied with the unrounded activations, so the only rounding is
- * the weights' own; the scale multiplies once per group. */
-static void dot4_q8_float(const float *xr, const int8_t *w, const uint16_t *s, int64_t kp,
-                          int64_t groups, int64_t per_scale, float *out) {
+ * the weights' own; the scale multiplies once per group, and the min times the group's sum of
+ * activations (xs) is added once per group. */
+static void dot4_q8_float(const float *xr, const float *xs, const uint8_t *w, const uint16_t *s,
+                          const uint16_t *mins, int64_t kp, int64_t groups, int64_t per_scale,
+                          float *out) {
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
                      _mm256_setzero_ps()};
+    float offset[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int64_t g = 0; g < groups; g++) {
         __m256 part[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
                           _mm256_setzero_ps()};
@@ -298,20 +312,22 @@ static void dot4_q8_float(const float *xr, const int8_t *w, const uint16_t *s, i
             const __m256 xv = _mm256_loadu_ps(xr + i);
             for (int c = 0; c < 4; c++) {
                 const __m128i raw = _mm_loadl_epi64((const __m128i *)(w + c * kp + i));
-                const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+                const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(raw));
                 part[c] = _mm256_fmadd_ps(wv, xv, part[c]);
             }
         }
-        for (int c = 0; c < 4; c++)
+        for (int c = 0; c < 4; c++) {
             acc[c] = _mm256_fmadd_ps(part[c], _mm256_set1_ps(half_to_float(s[c * groups + g])),
                                      acc[c]);
+            offset[c] += half_to_float(mins[c * groups + g]) * xs[g];
+        }
     }
-    for (int c = 0; c < 4; c++) out[c] = hsum(acc[c]);
+    for (int c = 0; c < 4; c++) out[c] = hsum(acc[c]) + offset[c];
 }
 #endif
 
 /* The products of up to 3 quantised linears that share their input (q/k/v, gate/up), in one call
- * (mins: int4 only, else NULL):
+ * (every weight has its mins):
  * x (rows, k) fp32 is quantised once, then one parallel loop covers every output row of every
  * weight, writing y (rows, n0 + n1 + n2) with the outputs side by side. All weights have the
  * same bits (8 or 4) and the same blocks per scale. One call and one thread team per group keeps
@@ -326,8 +342,17 @@ void fmforge_quant_group(const float *x, int64_t rows, int64_t k, int64_t kp, in
     float *dx = (float *)malloc(sizeof(float) * (size_t)(rows * blocks));
     int32_t *xsum = (int32_t *)malloc(sizeof(int32_t) * (size_t)(rows * blocks));
     float *xf = float_x ? (float *)calloc((size_t)(rows * kp), sizeof(float)) : 0;
+    float *xs = float_x ? (float *)malloc(sizeof(float) * (size_t)(rows * groups)) : 0;
     if (float_x) /* int8 weights times unrounded activations, padded to kp with zeros */
-        for (int64_t r = 0; r < rows; r++) memcpy(xf + r * kp, x + r * k, sizeof(float) * k);
+        for (int64_t r = 0; r < rows; r++) {
+            memcpy(xf + r * kp, x + r * k, sizeof(float) * k);
+            for (int64_t g = 0; g < groups; g++) { /* the sum the mins multiply */
+                float sum = 0.0f;
+                for (int64_t c = g * per_scale * BLOCK; c < (g + 1) * per_scale * BLOCK; c++)
+                    sum += xf[r * kp + c];
+                xs[r * groups + g] = sum;
+            }
+        }
     else
         fmforge_quantize_rows(x, rows, k, kp, xq, dx, xsum);
     const void *w[3] = {w0, w1, w2};
@@ -347,7 +372,7 @@ void fmforge_quant_group(const float *x, int64_t rows, int64_t k, int64_t kp, in
         }
         const int64_t j0 = local * 4, count4 = n[m] - j0 < 4 ? n[m] - j0 : 4;
         const uint8_t *wm = (const uint8_t *)w[m] + j0 * row_bytes;
-        const uint16_t *sm = s[m] + j0 * groups, *mm = bits == 4 ? mins[m] + j0 * groups : 0;
+        const uint16_t *sm = s[m] + j0 * groups, *mm = mins[m] + j0 * groups;
         for (int64_t r = 0; r < rows; r++) {
             const int8_t *xr = xq + r * kp;
             const float *dr = dx + r * blocks;
@@ -356,21 +381,22 @@ void fmforge_quant_group(const float *x, int64_t rows, int64_t k, int64_t kp, in
             if (float_x) {
 #ifdef FMFORGE_AVX2
                 if (count4 == 4) {
-                    dot4_q8_float(xf + r * kp, (const int8_t *)wm, sm, kp, groups, per_scale, yr);
+                    dot4_q8_float(xf + r * kp, xs + r * groups, wm, sm, mm, kp, groups, per_scale,
+                                  yr);
                     continue;
                 }
 #endif
                 for (int64_t c = 0; c < count4; c++)
-                    yr[c] = dot_row_q8_float(xf + r * kp, (const int8_t *)wm + c * row_bytes,
-                                             sm + c * groups, groups, per_scale);
+                    yr[c] = dot_row_q8_float(xf + r * kp, xs + r * groups, wm + c * row_bytes,
+                                             sm + c * groups, mm + c * groups, groups, per_scale);
                 continue;
             }
 #ifdef FMFORGE_AVX2
             if (count4 == 4) {
                 if (bits == 8 && per_scale == 1)
-                    dot4_q8(xr, dr, sr, (const int8_t *)wm, sm, kp, blocks, yr);
+                    dot4_q8(xr, dr, sr, wm, sm, mm, kp, blocks, yr);
                 else if (bits == 8)
-                    dot4_q8_rows(xr, dr, sr, (const int8_t *)wm, sm, kp, blocks, yr);
+                    dot4_q8_rows(xr, dr, sr, wm, sm, mm, kp, blocks, yr);
                 else
                     dot4_q4(xr, dr, sr, wm, sm, mm, kp, blocks, yr);
                 continue;
@@ -378,8 +404,8 @@ void fmforge_quant_group(const float *x, int64_t rows, int64_t k, int64_t kp, in
 #endif
             for (int64_t c = 0; c < count4; c++) {
                 if (bits == 8)
-                    yr[c] = dot_row_q8(xr, dr, (const int8_t *)wm + c * row_bytes, sm + c * groups,
-                                       groups, per_scale);
+                    yr[c] = dot_row_q8(xr, dr, sr, wm + c * row_bytes, sm + c * groups,
+                                       mm + c * groups, groups, per_scale);
                 else
                     yr[c] = dot_row_q4(xr, dr, sr, wm + c * row_bytes, sm + c * groups,
                                        mm + c * groups, blocks);
@@ -390,4 +416,5 @@ void fmforge_quant_group(const float *x, int64_t rows, int64_t k, int64_t kp, in
     free(dx);
     free(xsum);
     free(xf);
+    free(xs);
 }
