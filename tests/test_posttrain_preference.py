@@ -64,8 +64,8 @@ def test_sequence_logprobs_sum_only_response_tokens(pairs):
     batch = pair_batches(encoded, 4, pad_id_of(tok)).next_batch()
 
     class Uniform(torch.nn.Module):
-        def forward(self, ids):
-            return torch.zeros(*ids.shape, 512)  # log p = -ln 512 for every token
+        def forward(self, ids, logits_at):
+            return torch.zeros(int(logits_at.sum()), 512)  # log p = -ln 512 for every token
 
     scored = (batch["target_ids"] != -100).sum(-1)  # response tokens + end-of-turn per row
     expected = -scored.double() * math.log(512)

@@ -59,8 +59,8 @@ def test_clipping_stops_the_gradient_beyond_the_trust_region():
 
 def test_grpo_objective_sums_completion_tokens():
     class Uniform(torch.nn.Module):
-        def forward(self, ids):
-            return torch.zeros(*ids.shape, 8, requires_grad=True)
+        def forward(self, ids, logits_at):
+            return torch.zeros(int(logits_at.sum()), 8, requires_grad=True)
 
     targets = torch.tensor([[-100, 3, 4, -100], [-100, -100, 5, -100]])
     batch = {
@@ -75,6 +75,33 @@ def test_grpo_objective_sums_completion_tokens():
     assert int(count) == 3
     assert summed.item() == pytest.approx(-1.0 * 2 + 2.0 * 1, abs=1e-6)  # ratio 1, KL 0
     assert objective.pop_metrics() == {"kl": 0.0, "clip_fraction": 0.0}
+
+
+def test_grpo_without_old_logps_equals_the_rollout_policy_as_old():
+    # GRPORollouts gives no old_logps: the loss's own forward, detached, is the rollout policy's.
+    from fmforge.model.config import preset_config
+    from fmforge.model.llama import LlamaForCausalLM
+    from fmforge.posttrain.sequences import token_logprobs
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(preset_config("tiny", vocab_size=64))
+    ids = torch.randint(0, 64, (3, 9))
+    targets = torch.full((3, 9), -100)
+    targets[:, 5:] = ids[:, 5:].roll(-1, dims=1)
+    targets[1, 7:] = -100
+    batch = {"input_ids": ids, "target_ids": targets, "advantages": torch.tensor([1.0, -0.5, 2.0])}
+    with torch.no_grad():
+        old = token_logprobs(model(ids), targets)  # the full-vocabulary path
+    grads = []
+    for given in (dict(batch, old_logps=old), batch):
+        model.zero_grad()
+        summed, count = GRPOObjective()(model, given)
+        summed.backward()
+        grads.append(model.lm_head.weight.grad.clone())
+        assert int(count) == 3 * 4 - 2
+    assert summed.item() == pytest.approx(-(1.0 * 4 - 0.5 * 2 + 2.0 * 4), abs=1e-5)  # ratio 1
+    assert grads[0].abs().sum() > 0
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
 def test_gae_equals_its_closed_form():
@@ -229,3 +256,19 @@ def test_ppo_trains_the_policy_and_its_value_head(tokenizer_dir, tmp_path):
     trainer.fit()
     assert all(math.isfinite(r["loss"]) for r in trainer.history)
     assert not torch.equal(policy.value_head.weight, start)
+
+
+def test_scored_logprobs_equal_the_full_vocabulary_path():
+    from fmforge.model.config import preset_config
+    from fmforge.model.llama import LlamaForCausalLM
+    from fmforge.posttrain.sequences import scored_logprobs, token_logprobs
+
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(preset_config("tiny", vocab_size=64))
+    ids = torch.randint(0, 64, (2, 7))
+    targets = torch.tensor([[-100, -100, 5, 9, 1, -100, -100], [-100, 3, -100, -100, 2, 8, 4]])
+    full = token_logprobs(model(ids), targets)
+    fast = scored_logprobs(model, ids, targets)
+    assert (full != 0).sum() == 7
+    assert torch.allclose(fast, full, atol=1e-6)
+    assert (fast[targets == -100] == 0).all()

@@ -147,6 +147,7 @@ class LlamaForCausalLM(nn.Module):
         mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         return_hidden: bool = False,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Return logits (B, T, V) for token ids (B, T).
 
@@ -155,6 +156,9 @@ class LlamaForCausalLM(nn.Module):
         mask bool (B, 1, T, S): True where a query may attend a key; None means causal.
         inputs_embeds (B, T, C): used instead of embedding `input_ids` (soft prompts).
         return_hidden: return the final normed hidden states (B, T, C) instead of logits.
+        logits_at bool (B, T): return logits (K, V) only at the K True positions, in row-major
+        order (training objectives that score a few tokens skip the vocabulary projection
+        elsewhere).
         """
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         t = x.shape[1]
@@ -172,7 +176,9 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache, start)
         x = self.model.norm(x)
-        return x if return_hidden else self.lm_head(x)
+        if return_hidden:
+            return x
+        return self.lm_head(x if logits_at is None else x[logits_at])
 
     def decode_weights(self) -> DecodeWeights | None:
         """Return this model's weights laid out for `decode_step` (built once, kept while valid).

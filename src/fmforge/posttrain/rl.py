@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fmforge.posttrain.sequences import token_logprobs
+from fmforge.posttrain.sequences import scored_logprobs, token_logprobs
 from fmforge.train.objectives import IGNORE_INDEX
 
 
@@ -80,7 +80,11 @@ class GRPOObjective:
     """GRPO on rollout batches: (loss summed over completion tokens, completion tokens).
 
     batch: input_ids (N, T), target_ids (N, T) (-100 outside completions), advantages (N,),
-    old_logps (N, T) and optionally ref_logps (N, T), both aligned with target_ids.
+    optionally ref_logps (N, T) and old_logps (N, T), aligned with target_ids. Without old_logps
+    the rollout policy is the policy being trained (one gradient pass per rollout batch, as
+    `GRPORollouts` gives: the weights do not change between sampling and this loss), so the
+    ratio's denominator is the same forward's log-probs, detached: ratio 1, the plain policy
+    gradient, with no second forward.
     """
 
     def __init__(self, clip_eps: float = 0.2, kl_coef: float = 0.0):
@@ -89,13 +93,12 @@ class GRPOObjective:
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[Any, Any]:
         scored = batch["target_ids"] != IGNORE_INDEX  # (N, T)
-        logp = token_logprobs(model(batch["input_ids"]), batch["target_ids"])  # (N, T)
+        logp = scored_logprobs(model, batch["input_ids"], batch["target_ids"])  # (N, T)
         ref = batch.get("ref_logps")
-        losses = grpo_token_losses(
-            logp, batch["old_logps"], batch["advantages"], self.clip_eps, self.kl_coef, ref
-        )
+        old = batch["old_logps"] if "old_logps" in batch else logp.detach()
+        losses = grpo_token_losses(logp, old, batch["advantages"], self.clip_eps, self.kl_coef, ref)
         with torch.no_grad():
-            ratio = torch.exp(logp - batch["old_logps"])
+            ratio = torch.exp(logp - old)
             clipped = ((ratio - 1).abs() > self.clip_eps) & scored
             kl = k3_kl(logp, ref)[scored].sum() if ref is not None else torch.zeros(())
             self._stats += torch.tensor(
@@ -184,8 +187,9 @@ class GRPORollouts:
     `group_size` completions of each with the generation engine (`generate_tokens`, batched; the
     seed of a batch depends only on the run seed and its index, so a resumed run samples exactly
     what an uninterrupted one would), scores them with `reward_fn(completion_text, record)`, and
-    returns the token batch with group advantages, the rollout policy's log-probs (old_logps) and
-    the reference's (ref_logps, when a reference is given). A reward function that raises or
+    returns the token batch with group advantages and the reference's log-probs (ref_logps, when
+    a reference is given); the rollout policy's own log-probs are the loss's forward, detached
+    (`GRPOObjective`). A reward function that raises or
     returns a non-finite value gives 0 for that completion and is counted (`reward_errors`).
     """
 
@@ -261,11 +265,8 @@ class GRPORollouts:
         grouped = self.last_rewards.view(len(picked), self.group_size)  # (G, n)
         advantages, flat = group_advantages(grouped)
         batch["advantages"] = advantages.flatten()
-        with torch.no_grad():
-            batch["old_logps"] = token_logprobs(
-                self.policy(batch["input_ids"]), batch["target_ids"]
-            )
-            if self.reference is not None:
+        if self.reference is not None:
+            with torch.no_grad():
                 batch["ref_logps"] = _reference_token_logprobs(self.reference, self.policy, batch)
         self._stats += torch.tensor(
             [sum(rewards), len(rewards), flat, len(picked), errors], dtype=torch.float64
@@ -302,9 +303,9 @@ def _reference_token_logprobs(reference: Any, policy: nn.Module, batch: dict) ->
     from fmforge.posttrain.preference import adapters_disabled
 
     if reference.copy is not None:
-        return token_logprobs(reference.copy(batch["input_ids"]), batch["target_ids"])
+        return scored_logprobs(reference.copy, batch["input_ids"], batch["target_ids"])
     with adapters_disabled(policy):
-        return token_logprobs(policy(batch["input_ids"]), batch["target_ids"])
+        return scored_logprobs(policy, batch["input_ids"], batch["target_ids"])
 
 
 # --- PPO: a value head, per-token rewards and GAE ----------------------------------------------
@@ -349,8 +350,9 @@ class PPORollouts(GRPORollouts):
     def next_batch(self) -> dict[str, torch.Tensor]:
         batch = super().next_batch()
         scored = batch["target_ids"] != IGNORE_INDEX  # (N, T), one contiguous run per row
-        with torch.no_grad():
-            _, values = self.value_model(batch["input_ids"], with_values=True)  # (N, T)
+        with torch.no_grad():  # the rollout policy's log-probs and values, from one pass
+            logits, values = self.value_model(batch["input_ids"], with_values=True)  # (N, T)
+            batch["old_logps"] = token_logprobs(logits, batch["target_ids"])
         values = values * scored
         rewards = torch.zeros_like(values)
         if "ref_logps" in batch:

@@ -135,10 +135,22 @@ def token_logprobs(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tens
     return logp.squeeze(-1) * scored
 
 
+def scored_logprobs(model: Any, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    """Return log p(target) at each position (B, T) in fp32, 0 where the target is -100, running
+    the vocabulary projection only at the scored positions (equal to
+    `token_logprobs(model(input_ids), target_ids)`; the prompt's positions cost no logits)."""
+    scored = target_ids != IGNORE_INDEX  # (B, T)
+    logits = model(input_ids, logits_at=scored)  # (K, V)
+    picked = target_ids[scored].unsqueeze(1)  # (K, 1)
+    logp = torch.gather(F.log_softmax(logits.float(), dim=-1), 1, picked).squeeze(1)  # (K,)
+    return torch.zeros(target_ids.shape, dtype=logp.dtype, device=logp.device).masked_scatter(
+        scored, logp
+    )
+
+
 def sequence_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Return each sequence's log-probability summed over its scored (response) tokens, (B,)."""
-    logits = model(batch["input_ids"])  # (B, T, V)
-    return token_logprobs(logits, batch["target_ids"]).sum(-1)
+    return scored_logprobs(model, batch["input_ids"], batch["target_ids"]).sum(-1)
 
 
 def pad_id_of(tokenizer: Any) -> int:
