@@ -33,6 +33,7 @@ class ModelSection:
     num_key_value_heads: int | None = None  # key/value heads
     init_from: str | None = None  # a model dir or built-in name to start from instead of random
     dropout: float | None = None  # encoders only: BERT hidden + attention dropout (None: 0.1)
+    init_std: float | None = None  # fresh encoders only: std of BERT's init (None: 0.02)
     projection: int | None = None  # contrastive encoders: a Dense head to N dims after pooling
 
 

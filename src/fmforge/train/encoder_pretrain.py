@@ -12,7 +12,9 @@
 
 The shards must be prepared with a WordPiece tokenizer (`fmforge tokenizer train --kind
 wordpiece`); [SEP] separates documents in them. `model.preset` names a BERT preset
-(`model/bert.py`).
+(`model/bert.py`); `model.hidden_size`, `intermediate_size`, `num_hidden_layers` and
+`num_attention_heads` override its width and depth, as they do a decoder preset's, and
+`model.init_std` the std of a fresh encoder's init (BERT's `initializer_range`).
 """
 
 from __future__ import annotations
@@ -92,10 +94,24 @@ def bert_config(cfg: PretrainConfig, vocab_size: int):
     positions = cfg.model.max_position_embeddings or 512
     if cfg.train.seq_len > positions:
         raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds {positions} positions")
+    # The preset's width and depth overrides, as for decoders (`model.*`, None: the preset's).
+    sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    overrides = {k: getattr(cfg.model, k) for k in sizes if getattr(cfg.model, k) is not None}
+    preset = BERT_PRESETS[cfg.model.preset]
+    heads = overrides.get("num_attention_heads", preset["num_attention_heads"])
+    if cfg.model.num_key_value_heads not in (None, heads):
+        raise ConfigError(
+            f"model.num_key_value_heads={cfg.model.num_key_value_heads}: BERT has one key/value "
+            f"head per query head ({heads})"
+        )
+    if cfg.model.init_std is not None:
+        if not cfg.model.init_std > 0:
+            raise ConfigError(f"model.init_std={cfg.model.init_std} must be > 0")
+        overrides["initializer_range"] = cfg.model.init_std
     return BertConfig(
         vocab_size=cfg.model.vocab_size or vocab_size,
         max_position_embeddings=positions,
-        **{**BERT_PRESETS[cfg.model.preset], **_dropout(cfg)},
+        **{**preset, **overrides, **_dropout(cfg)},
     )
 
 
@@ -155,6 +171,8 @@ def build_encoder(cfg: PretrainConfig, objective: str, tokenizer):
         torch.manual_seed(cfg.train.seed)
         model = fresh_encoder(config, objective)
         return (add_projection(model, projection) if projection else model), config, None
+    if cfg.model.init_std is not None:
+        raise ConfigError("model.init_std is for fresh encoders, not model.init_from runs")
     base = load_bundle(cfg.model.init_from, kind="encoder")
     if tokenizer is not None and base.tokenizer is not None:
         if base.tokenizer.sha256 != tokenizer.sha256:

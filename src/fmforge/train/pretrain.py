@@ -27,9 +27,10 @@ def build_model_config(cfg: PretrainConfig, vocab_size: int):
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
             f"{vocab_size} tokens; leave it unset (null) to use the tokenizer's"
         )
-    if cfg.model.dropout is not None or cfg.model.projection is not None:
+    if any(v is not None for v in (cfg.model.dropout, cfg.model.projection, cfg.model.init_std)):
         raise ConfigError(
-            "model.dropout and model.projection apply to encoders (--objective mlm|contrastive)"
+            "model.dropout, model.projection and model.init_std apply to encoders "
+            "(--objective mlm|contrastive)"
         )
     if cfg.data.pairs:
         raise ConfigError("data.pairs (supervised pairs) is for --objective contrastive only")
