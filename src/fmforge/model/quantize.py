@@ -4,16 +4,18 @@ int4 blocks and multiplies without ever writing an fp32 copy of it.
 
 One rule for both widths, asymmetric blocks with fp16 scale and minimum (llama.cpp's Q4_1 block,
 and its 8-bit analogue): per group of 32 inputs, w = s * q + m with m = the group's minimum,
-s = (max - min) / (2^bits - 1) and q = round((w - m) / s), an unsigned integer:
-- int8, groups of 32 (default): q in [0, 255], one byte each; 9 bits per weight;
+s = (max - min) / LEVELS and q = round((w - m) / s), an unsigned integer in [0, LEVELS]:
+- int8, groups of 32 (default): LEVELS = 240, q one byte each; 9 bits per weight;
 - int8, per output channel (group_size=0): one (s, m) per row, the same rule over the whole row;
-- int4, groups of 32: q in [0, 15], two per byte (see native/quant.c); 5 bits per weight.
+- int4, groups of 32: LEVELS = 15, two q per byte (see native/quant.c); 5 bits per weight.
 The minimum costs half a bit per weight over llama.cpp's symmetric Q8_0/Q4_0 blocks (q = round(w /
-s), s = max|w| / (2^(bits-1) - 1)) and buys accuracy on SmolLM2, whose GGUF holds Q4_1 blocks of
-32: both widths reproduce those weights (int4 exactly; int8 up to its fp16 scale, s = 15 d / 255
-for a Q4_1 scale d, so q = 17 q4), where symmetric blocks re-round them. Measured: symmetric int4
-raised perplexity by 24%; symmetric int8 kept the first 16 greedy tokens of 17 of 20 chat answers,
-asymmetric int8 18 of 20 (docs/quantize.md).
+s), s = max|w| / (2^(bits-1) - 1)) and buys accuracy on weights that come from Q4_1 blocks of 32,
+as SmolLM2's GGUF does: int4 reproduces them exactly, and so does int8, because 240 = 16 * 15
+makes its scale d / 16 for a Q4_1 scale d (q = 16 q4), which fp16 holds exactly (255 levels would
+need d / 17, rounded in fp16); symmetric blocks re-round them. Measured on SmolLM2: symmetric int4
+raised perplexity by 24%; the first 16 greedy tokens of 20 chat answers matched fp32's for 17
+with symmetric int8, 18 with 255-level asymmetric int8 (docs/quantize.md has the current figure).
+Any q in [0, 255] loads; 240 is the quantiser's choice (a 6% coarser step than 255 elsewhere).
 Rows whose width is not a multiple of 32 are padded with zero inputs. Embeddings and norms stay
 fp32 (an embedding is gathered one row per token, so it is never a decode step's cost); a tied
 lm_head gets its own quantised copy. With the default head_bits, int4 models keep the lm_head at
@@ -55,6 +57,9 @@ FORMAT_VERSION = 2  # 1: symmetric int8 layers (int8 q, no mins); read and conve
 # to int8 per block, as llama.cpp does.
 FLOAT_ACTIVATIONS_INT8 = True
 BITS = (8, 4)
+# q's largest value: 15 for int4 (Q4_1's grid), 240 = 16 * 15 for int8, so that an int8 block
+# holds a Q4_1 block (SmolLM2's GGUF) exactly, its scale a power-of-two fraction of Q4_1's
+LEVELS = {8: 240, 4: 15}
 
 
 def _padded(in_features: int) -> int:
@@ -75,7 +80,7 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int = BLOCK):
     group = kp if group_size == 0 else group_size
     blocks = w.view(out, kp // group, group)  # (out, groups, G)
     low, high = blocks.amin(-1), blocks.amax(-1)
-    levels = 2**bits - 1
+    levels = LEVELS[bits]
     mins, scales = low.half(), ((high - low) / levels).half()  # (out, groups), rounded as stored
     divisor = scales.float().masked_fill(scales == 0, 1.0).unsqueeze(-1)
     q = torch.round((blocks - mins.float().unsqueeze(-1)) / divisor).clamp_(0, levels)
