@@ -86,6 +86,9 @@ def test_the_comparison_runs_end_to_end_on_a_tiny_base(tokenizer_dir, tmp_path, 
     assert results["base"]["kl_to_base"] == 0.0
     assert results["sft"]["kl_to_base"] > 0.0
     assert results["heldout_prompts"] == 6
+    for name in ("grpo", "ppo"):  # RL starts from its SFT cold start, not from the base
+        assert (out / f"{name}_warmup" / "final" / "config.json").is_file()
+        assert json.loads((out / name / "summary.json").read_text())["base"].endswith("final")
     assert {"win_rate_grpo_vs_sft", "win_rate_ci_low", "win_rate_ci_high"} <= set(results)
     assert (out / "accuracy.png").stat().st_size > 0
     assert "| grpo |" in (out / "report.md").read_text()

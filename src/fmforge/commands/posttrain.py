@@ -74,7 +74,7 @@ def _experiment_rl_parser() -> ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--base", default="smollm2-135m-instruct", help="a model dir or built-in name")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per trained method")
-    p.add_argument("--heldout", type=int, default=200, help="held-out prompts")
+    p.add_argument("--heldout", type=int, default=None, help="held-out prompts (default 500)")
     p.add_argument(
         "--methods", default="base,sft,best_of_n,dpo,grpo,ppo", help="comma-separated methods"
     )

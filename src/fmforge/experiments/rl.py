@@ -25,7 +25,8 @@ Setup (`run_rl`), all on CPU:
      gold answer, which would make it an oracle);
    - `dpo`: the base samples `DPO_SAMPLES` completions per train prompt, ranked by the reward;
      the best and the worst of a prompt form a pair when their rewards differ;
-   - `grpo`, `ppo`: rollouts from the generation engine, rewarded;
+   - `grpo`, `ppo`: a cold start of `WARMUP_STEPS` of the same SFT, then rollouts from the
+     generation engine, rewarded, for the rest of the budget;
 3. evaluation on the held-out prompts, greedy: strict and lenient accuracy; KL(model || base) per
    token on the model's own greedy answers (exact over the vocabulary, not sampled); perplexity on
    the assistant turns of held-out chats (the chatterbot corpus, conversations no method trains
@@ -53,13 +54,18 @@ from fmforge.experiments.stats import wilson_interval
 
 BASE = "smollm2-135m-instruct"
 METHODS = ("base", "sft", "best_of_n", "dpo", "grpo", "ppo")
-HELDOUT = 200  # held-out prompts (acceptance: >= 200)
+HELDOUT = 500  # held-out prompts (acceptance: >= 200; more give the head-to-head its power)
 NUMBERS = range(1, 1000)  # N of the questions
 QUESTION = "What number comes right after {n}? Answer with only the number."
 # One budget for every trained method (LoRA, rank 16): steps x prompts per step.
 # Sized for 2 shared CPU cores, where one SmolLM2 forward+backward over 16 rollouts takes ~1 min.
-TRAIN = dict(max_steps=30, batch_size=4, lr=5e-4, warmup_steps=3, rank=16, alpha=32.0)
+TRAIN = dict(max_steps=80, batch_size=4, lr=5e-4, warmup_steps=3, rank=16, alpha=32.0)
 GROUP_SIZE = 4  # grpo/ppo completions per prompt
+# GRPO and PPO start with a short SFT "cold start" on gold answers (DeepSeek-R1's recipe; the SFT
+# of InstructGPT's SFT -> reward -> RL): the base almost never samples a bare number, so RL from
+# the base alone finds no reward for the strict format to reinforce. These steps come out of the
+# method's budget: WARMUP_STEPS of SFT + (steps - WARMUP_STEPS) of RL = the same steps as SFT alone.
+WARMUP_STEPS = 10
 # Rollouts and evaluation: "The number that comes after 865 is 866." needs ~13 tokens (lenient).
 MAX_NEW_TOKENS = 16
 EVAL_NEW_TOKENS = 16
@@ -228,7 +234,7 @@ def run_rl(
     out: str = "runs/experiment-rl",
     base: str = BASE,
     steps: int | None = None,
-    heldout: int = HELDOUT,
+    heldout: int | None = None,
     methods: tuple[str, ...] = METHODS,
     overwrite: bool = False,
 ) -> dict[str, Any]:
@@ -243,6 +249,7 @@ def run_rl(
     out_dir = check_output_dir(out, overwrite)
     started = time.perf_counter()
     steps = steps or TRAIN["max_steps"]
+    heldout = heldout or HELDOUT
     n_train = steps * TRAIN["batch_size"]
     train, held = arithmetic_task(n_train, heldout)
     data = out_dir / "data"
@@ -286,11 +293,19 @@ def run_rl(
             f"({time.perf_counter() - tick:.0f} s to evaluate)"
         )
 
-    def trained(name: str, recipe: str, data_file: Path, extra: float = 0.0, **overrides) -> None:
+    def trained(name: str, recipe: str, data_file: Path, extra: float = 0.0, warmup: int = 0,
+                **overrides) -> None:  # fmt: skip
         tick = time.perf_counter() - extra  # extra: seconds spent making the data (DPO samples)
-        _say(f"{name}: {recipe} with LoRA, {steps} steps")
-        opts = _options(max_steps=steps, **overrides)
-        posttrain(recipe, base, data_file, out_dir / name, opts, overwrite=True, progress=False)
+        start = base
+        if warmup:  # the cold start: SFT on the first train prompts' gold answers
+            _say(f"{name}: {warmup} steps of SFT with LoRA (cold start)")
+            opts = _options(max_steps=warmup, seq_len=96)
+            posttrain("sft", base, sft_file, out_dir / f"{name}_warmup", opts, overwrite=True,
+                      progress=False)  # fmt: skip
+            start = out_dir / f"{name}_warmup" / "final"
+        _say(f"{name}: {recipe} with LoRA, {steps - warmup} steps")
+        opts = _options(max_steps=steps - warmup, **overrides)
+        posttrain(recipe, start, data_file, out_dir / name, opts, overwrite=True, progress=False)
         seconds[name] = time.perf_counter() - tick
         _say(f"{name}: trained in {seconds[name]:.0f} s")
         model = load_model_dir(out_dir / name).model.eval()
@@ -298,11 +313,12 @@ def run_rl(
 
     torch.manual_seed(0)
     evaluate("base", base_model)
+    sft = [{"messages": r["prompt"] + [{"role": "assistant", "content": r["answer"]}]}
+           for r in train]  # fmt: skip
+    sft_file = _write_jsonl(data / "sft.jsonl", sft)
     if "sft" in methods:
-        sft = [{"messages": r["prompt"] + [{"role": "assistant", "content": r["answer"]}]}
-               for r in train]  # fmt: skip
         # seq_len 96 holds one ~50-token example per row: 4 rows are the 4 prompts of a GRPO step.
-        trained("sft", "sft", _write_jsonl(data / "sft.jsonl", sft), seq_len=96)
+        trained("sft", "sft", sft_file, seq_len=96)
     if "best_of_n" in methods:
         tick = time.perf_counter()
         _, _, samples = _generate(
@@ -340,7 +356,7 @@ def run_rl(
               temperature=TEMPERATURE)  # fmt: skip
     for name in ("grpo", "ppo"):
         if name in methods:
-            trained(name, name, prompts_file, **rl)
+            trained(name, name, prompts_file, warmup=min(WARMUP_STEPS, steps - 1), **rl)
             metrics = [json.loads(line) for line in (out_dir / name / "metrics.jsonl").open()]
             results[name]["reward_curve"] = [
                 [m["step"], m["reward"]] for m in metrics if "reward" in m
