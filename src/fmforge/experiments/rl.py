@@ -66,6 +66,8 @@ GROUP_SIZE = 4  # grpo/ppo completions per prompt
 # the base alone finds no reward for the strict format to reinforce. These steps come out of the
 # method's budget: WARMUP_STEPS of SFT + (steps - WARMUP_STEPS) of RL = the same steps as SFT alone.
 WARMUP_STEPS = 10
+# SFT rows of 96 tokens hold one ~50-token example each: 4 rows are the 4 prompts of a GRPO step.
+SFT_SEQ_LEN = 96
 # Rollouts and evaluation: "The number that comes after 865 is 866." needs ~13 tokens (lenient).
 MAX_NEW_TOKENS = 16
 EVAL_NEW_TOKENS = 16
@@ -299,7 +301,7 @@ def run_rl(
         start = base
         if warmup:  # the cold start: SFT on the first train prompts' gold answers
             _say(f"{name}: {warmup} steps of SFT with LoRA (cold start)")
-            opts = _options(max_steps=warmup, seq_len=96)
+            opts = _options(max_steps=warmup, seq_len=SFT_SEQ_LEN)
             posttrain("sft", base, sft_file, out_dir / f"{name}_warmup", opts, overwrite=True,
                       progress=False)  # fmt: skip
             start = out_dir / f"{name}_warmup" / "final"
@@ -317,8 +319,7 @@ def run_rl(
            for r in train]  # fmt: skip
     sft_file = _write_jsonl(data / "sft.jsonl", sft)
     if "sft" in methods:
-        # seq_len 96 holds one ~50-token example per row: 4 rows are the 4 prompts of a GRPO step.
-        trained("sft", "sft", sft_file, seq_len=96)
+        trained("sft", "sft", sft_file, seq_len=SFT_SEQ_LEN)
     if "best_of_n" in methods:
         tick = time.perf_counter()
         _, _, samples = _generate(
