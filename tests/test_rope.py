@@ -34,3 +34,19 @@ def test_rope_with_per_row_positions_passes_gradcheck():
     x = torch.randn(2, 2, 3, 8, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: apply_rope(t, c, s), (x,))
     assert torch.allclose(apply_rope(x, c, s), _reference(x, c, s))
+
+
+def test_the_compiled_objective_is_one_graph():
+    """Under torch.compile RoPE runs the reference maths: `_Rotary`'s out= writes broke the
+    graph at every layer, leaving RoPE eager and the layers' elementwise ops unfused."""
+    from fmforge.model.config import preset_config
+    from fmforge.model.llama import LlamaForCausalLM
+    from fmforge.train.objectives import causal_lm_loss
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(preset_config("tiny"))
+    x = torch.randint(0, 512, (2, 16))
+    explained = torch._dynamo.explain(causal_lm_loss)(model, (x, x))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1

@@ -52,7 +52,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     Equal to x * cos + rotate_half(x) * sin (the reference, tests/test_model_parity.py), computed
     by `_Rotary` in two fused passes each way, written out contiguous in (B, heads, T, D).
+    Under torch.compile the reference formula runs instead: inductor fuses it into one pass each
+    way, and `_Rotary`'s `out=` writes would break the compiled graph at every layer.
     """
+    if torch.compiler.is_compiling():
+        return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
     return _Rotary.apply(x, cos, sin)
 
 
