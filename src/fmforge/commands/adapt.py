@@ -136,9 +136,9 @@ def _experiment_transfer_parser() -> ArgumentParser:
 def _experiment_objectives_parser() -> ArgumentParser:
     p = new_parser("Causal vs masked-LM vs contrastive encoders: probes, STS-B, retrieval.")
     p.add_argument("--out", required=True, help="report directory")
-    p.add_argument("--steps", type=int, default=None, help="causal and MLM steps (32 x seq-len)")
+    p.add_argument("--steps", type=int, default=None, help="causal and MLM steps (64 x 32 tokens)")
     p.add_argument("--simcse-steps", type=int, default=None, help="SimCSE steps from the MLM")
-    p.add_argument("--seq-len", type=int, default=64, help="tokens per training sequence")
+    p.add_argument("--layers", type=int, default=None, help="depth of every model (width 128)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     return p
 
@@ -231,8 +231,8 @@ def _eval(args: Namespace) -> None:
 def _experiment_objectives(args: Namespace) -> None:
     from fmforge.experiments.objectives import run_objectives
 
-    budgets = {k: args[k] for k in ("steps", "simcse_steps") if args[k] is not None}
-    results = run_objectives(args.out, seq_len=args.seq_len, overwrite=args.overwrite, **budgets)
+    budgets = {k: args[k] for k in ("steps", "simcse_steps", "layers") if args[k] is not None}
+    results = run_objectives(args.out, overwrite=args.overwrite, **budgets)
     print_json(results["verdicts"])
     print(f"report: {args.out}/report.md")
 

@@ -20,7 +20,7 @@ import importlib.util
 import json
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,10 +95,15 @@ def read_fortunes() -> dict[str, list[str]]:
         )
     texts = {}
     for category in FORTUNE_CATEGORIES:
-        raw = (FORTUNES_DIR / category).read_text(encoding="utf-8", errors="replace")
-        entries = [_clean(e) for e in re.split(r"(?m)^%\s*$", raw)]
-        texts[category] = [e for e in entries if 0 < len(e) <= MAX_TEXT_CHARS]
+        entries = fortune_entries(FORTUNES_DIR / category)
+        texts[category] = [e for e in entries if len(e) <= MAX_TEXT_CHARS]
     return texts
+
+
+def fortune_entries(path: Path) -> list[str]:
+    """Return the non-empty, whitespace-normalised entries of a fortune file (split on `%`)."""
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    return [e for e in (_clean(e) for e in re.split(r"(?m)^%\s*$", raw)) if e]
 
 
 # lexfile number (second field of a data.noun line) -> supersense label
@@ -113,25 +118,57 @@ WORDNET_SUPERSENSES = {
 WORDNET_PER_CLASS = 600  # a manageable subset: the first synsets of each class in file order
 
 
-def read_wordnet_supersense() -> dict[str, list[str]]:
-    """Return "lemma: gloss" texts for six noun supersenses from WordNet's data.noun."""
-    path = WORDNET_DIR / "data.noun"
+@dataclass(frozen=True)
+class Synset:
+    """One line of a WordNet data file: lexicographer file, lemmas and the gloss."""
+
+    lexfile: int  # the second field: 5 = noun.animal, ... (the supersense)
+    lemmas: tuple[str, ...]  # underscores turned into spaces
+    gloss: str  # after the first "|": the definition, then '; "usage example"'s
+
+    @property
+    def definition(self) -> str:
+        """Return the gloss up to its first `;` (the definition, without examples)."""
+        return self.gloss.split(";")[0].strip()
+
+    @property
+    def examples(self) -> list[str]:
+        """Return the gloss's quoted usage examples."""
+        parts = [p.strip() for p in self.gloss.split(";")]
+        return [p.strip('"') for p in parts if p.startswith('"')]
+
+
+def iter_wordnet(part_of_speech: str = "noun") -> Iterator[Synset]:
+    """Yield the synsets of WordNet's data.<part_of_speech> in file order (UserError if absent)."""
+    path = WORDNET_DIR / f"data.{part_of_speech}"
     if not path.is_file():
-        raise UserError("task wordnet-supersense needs WordNet; run: apt-get install wordnet-base")
-    texts: dict[str, list[str]] = {label: [] for label in WORDNET_SUPERSENSES.values()}
+        raise UserError(f"{path} is missing; run: apt-get install wordnet-base")
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             if line.startswith(" ") or "|" not in line:
                 continue  # the licence header
             fields, gloss = line.split("|", 1)
             parts = fields.split()
-            label = WORDNET_SUPERSENSES.get(int(parts[1]))
-            if label is None or len(texts[label]) >= WORDNET_PER_CLASS:
-                continue
-            lemma = parts[4].replace("_", " ")
-            gloss = gloss.split(";")[0].strip()
-            texts[label].append(f"{lemma}: {gloss}")
+            count = int(parts[3], 16)  # the number of lemmas, in hexadecimal
+            lemmas = tuple(parts[4 + 2 * i].replace("_", " ") for i in range(count))
+            yield Synset(int(parts[1]), lemmas, gloss.strip())
+
+
+def read_wordnet_supersense() -> dict[str, list[str]]:
+    """Return "lemma: gloss" texts for six noun supersenses from WordNet's data.noun."""
+    if not (WORDNET_DIR / "data.noun").is_file():
+        raise UserError("task wordnet-supersense needs WordNet; run: apt-get install wordnet-base")
+    texts: dict[str, list[str]] = {label: [] for label in WORDNET_SUPERSENSES.values()}
+    for synset in iter_wordnet("noun"):
+        label = WORDNET_SUPERSENSES.get(synset.lexfile)
+        if label is not None and len(texts[label]) < WORDNET_PER_CLASS:
+            texts[label].append(wordnet_supersense_text(synset))
     return texts
+
+
+def wordnet_supersense_text(synset: Synset) -> str:
+    """Return the text wordnet-supersense classifies for a synset: "first lemma: definition"."""
+    return f"{synset.lemmas[0]}: {synset.definition}"
 
 
 CHAT_CATEGORIES = {
