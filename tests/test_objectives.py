@@ -195,3 +195,44 @@ def test_objectives_return_summed_loss_and_scored_count():
     assert input_tokens((x, y)) == 4 * 32
     _, batch, _ = _classification_case()
     assert input_tokens(batch) == 12 + 9 + 5 + 7
+
+
+def test_fused_head_loss_equals_cross_entropy_of_the_logits(monkeypatch):
+    """causal_lm_loss's chunked head + loss (`_LinearCrossEntropy`) gives the loss and every
+    gradient of cross-entropy over the full logits, with ignored targets and a ragged last chunk."""
+    import torch.nn.functional as F
+
+    from fmforge.train import objectives
+
+    monkeypatch.setattr(objectives, "HEAD_CHUNK_ROWS", 7)  # 120 rows: 17 chunks, the last of 1
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(preset_config("tiny"))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 512, (3, 40), generator=g)
+    y = torch.randint(0, 512, (3, 40), generator=g)
+    y[0, :5] = -100
+    y[2, 33:] = -100
+    assert objectives._fused_head(model)
+    loss, scored = causal_lm_loss(model, (x, y))
+    loss.backward()
+    fused = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    reference = F.cross_entropy(model(x).view(-1, 512), y.view(-1), reduction="sum")
+    reference.backward()
+    assert int(scored) == 3 * 40 - 5 - 7
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    for ours, theirs in zip(fused, (p.grad for p in model.parameters()), strict=True):
+        assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-4)
+    assert any(grad.abs().sum() > 0 for grad in fused)
+
+
+def test_fused_head_loss_only_for_a_bare_fp32_model_in_training():
+    torch.manual_seed(0)
+    from fmforge.train.objectives import _fused_head
+
+    model = LlamaForCausalLM(preset_config("tiny"))
+    assert _fused_head(model)
+    with torch.no_grad():
+        assert not _fused_head(model)  # evaluation: logits path, no gradients computed
+    assert not _fused_head(torch.nn.Sequential(model))  # a wrapper runs its own forward
+    assert not _fused_head(LlamaForCausalLM(preset_config("tiny")).to(torch.bfloat16))

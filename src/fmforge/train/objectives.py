@@ -38,6 +38,79 @@ def input_tokens(batch: Any) -> int:
     raise TypeError(f"cannot count the tokens of a {type(batch).__name__} batch")
 
 
+# Rows of logits the fused head loss holds at a time: 512 x V fp32 (8 MB at V = 4,096) stays in
+# the last-level cache while its softmax, its gradient and the two products that use it run.
+HEAD_CHUNK_ROWS = 512
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of logits = h @ w.T against y, in row chunks; (N, V) never stored.
+
+    h (N, C) fp32, w (V, C) fp32, y (N,) with -100 ignored. For each chunk of rows the logits are
+    formed, turned into their gradient (softmax - one-hot; all zero on ignored rows) and multiplied
+    into dL/dh and dL/dw at once, so forward also does backward's two products and backward only
+    scales them by the incoming gradient. The same maths as `F.cross_entropy(h @ w.T, y,
+    reduction="sum")`; what it saves is writing the logits and their gradient out to memory and
+    reading them back (64 MB each for 16 x 256 tokens at V = 4,096).
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, y):
+        loss = h.new_zeros(())
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        for i in range(0, h.shape[0], HEAD_CHUNK_ROWS):
+            hc, yc = h[i : i + HEAD_CHUNK_ROWS], y[i : i + HEAD_CHUNK_ROWS]
+            logits = hc @ w.T  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            valid = yc != IGNORE_INDEX
+            target = torch.where(valid, yc, 0).unsqueeze(1)  # (n, 1)
+            picked = logits.gather(1, target).squeeze(1)
+            loss += torch.where(valid, lse - picked, 0.0).sum()
+            # softmax in place; an ignored row subtracts +inf, so its gradient row is all zero
+            probs = logits.sub_(torch.where(valid, lse, float("inf")).unsqueeze(1)).exp_()
+            probs.scatter_add_(1, target, -valid.to(probs.dtype).unsqueeze(1))  # - one-hot
+            if grad_h is not None:
+                torch.mm(probs, w, out=grad_h[i : i + HEAD_CHUNK_ROWS])
+            if grad_w is not None:
+                grad_w.addmm_(probs.T, hc)
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_h, grad_w = ctx.saved_tensors
+        return (
+            None if grad_h is None else grad_h * grad,
+            None if grad_w is None else grad_w * grad,
+            None,
+        )
+
+
+def _fused_head(model: nn.Module) -> bool:
+    """True when `causal_lm_loss` may run the head and the loss fused (`_LinearCrossEntropy`).
+
+    Only for training a bare fp32 `LlamaForCausalLM` with a plain bias-free head and no autocast;
+    wrapped models (DDP, FSDP, adapters, torch.compile'd modules) take the ordinary path, since
+    their forward (hooks, sharded or wrapped weights) must run whole. Not under torch.compile
+    either: inductor fuses the plain head and loss itself, and timed no slower than this there
+    (docs/performance.md, 2026-12-01).
+    """
+    from fmforge.model.llama import LlamaForCausalLM
+
+    if torch.compiler.is_compiling():
+        return False
+    if type(model) is not LlamaForCausalLM or not torch.is_grad_enabled():
+        return False
+    head = model.lm_head
+    return (
+        type(head) is nn.Linear
+        and head.bias is None
+        and head.weight.dtype == torch.float32
+        and not torch.is_autocast_enabled(head.weight.device.type)
+    )
+
+
 def causal_lm_loss(
     model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,6 +119,11 @@ def causal_lm_loss(
     batch: x, y int64 (B, T). Targets y == -100 are ignored (loss masks) and not counted.
     """
     x, y = batch
+    if _fused_head(model):
+        hidden = model(x, return_hidden=True)  # (B, T, C)
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        loss = _LinearCrossEntropy.apply(hidden, model.lm_head.weight, y.reshape(-1))
+        return loss, (y != IGNORE_INDEX).sum()
     logits = model(x)  # (B, T, V)
     loss = F.cross_entropy(
         logits.view(-1, logits.size(-1)).float(),
