@@ -91,8 +91,12 @@ def main() -> None:
     # fused AdamW is also transformers' Trainer default (optim="adamw_torch_fused").
     ours_opt = build_optimizer(ours, 1e-4, 0.1, (0.9, 0.95), fused=True)
     theirs_opt = torch.optim.AdamW(theirs.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    # fmforge's eager side runs the trainer's own objective (`causal_lm_loss`: the head and the
+    # loss fused in row chunks when training a bare fp32 model), as `fmforge pretrain` does.
     steps = {
-        "fmforge": make_step(ours, lambda m, t: m(t), x, y, config.vocab_size, ours_opt),
+        "fmforge": make_step(
+            ours, lambda m, t: m(t), x, y, config.vocab_size, ours_opt, objective=causal_lm_loss
+        ),
         "transformers": make_step(
             theirs, lambda m, t: m(input_ids=t).logits, x, y, config.vocab_size, theirs_opt
         ),
