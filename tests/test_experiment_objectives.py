@@ -125,3 +125,26 @@ def test_iter_wordnet_reads_every_lemma_and_the_examples():
     assert dog.examples == ["the dog barked all night"]
     assert man.lemmas == ("dog",) and man.examples == ["you lucky dog"] and man.lexfile == 18
     assert entity.examples == [] and dog.lexfile == 5
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not ex.Path("/usr/share/wordnet/data.noun").is_file()
+    or not ex.Path("/usr/share/games/fortunes/computers").is_file(),
+    reason="needs WordNet and fortunes (apt-get install wordnet-base fortunes)",
+)
+def test_the_whole_experiment_runs_on_a_tiny_budget(tmp_path):
+    import json
+
+    results = ex.run_objectives(tmp_path / "out", steps=20, simcse_steps=10)
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["verdicts"] == results["verdicts"]
+    models = ["causal", "mlm", "contrastive", "causal_random", "mlm_random", "contrastive_random"]
+    assert list(saved["probe"]) == models
+    for row in saved["probe"].values():
+        for task in ex.TASKS:
+            assert row[task]["ci_low"] <= row[task]["accuracy"] <= row[task]["ci_high"]
+    assert {"recall_at_1", "recall_at_10"} <= set(saved["retrieval"]["bm25"])
+    assert saved["budget"]["training_seconds"].keys() == {"causal", "mlm", "contrastive"}
+    assert (tmp_path / "out" / "objectives.png").stat().st_size > 0
+    assert "SimCSE" in (tmp_path / "out" / "report.md").read_text()
