@@ -1,10 +1,12 @@
-"""Pieces of `fmforge experiment objectives`: probe, bootstrap, BM25, decoder features, pairs."""
+"""Pieces of `fmforge experiment objectives`: probe, bootstrap, BM25, decoder features, pairs,
+the corpus, and the whole experiment on a tiny budget (slow)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from fmforge.experiments import encoder_measures as measures
 from fmforge.experiments import objectives as ex
 
 
@@ -12,12 +14,12 @@ def test_logistic_probe_learns_a_separable_task_and_bootstrap_brackets_it():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 300)
     x = rng.standard_normal((300, 8)) + np.eye(3, 8)[y] * 3.0  # class shifts feature y
-    predicted = ex.logistic_probe(x[:200], y[:200], x[200:], classes=3)
+    predicted = measures.logistic_probe(x[:200], y[:200], x[200:], classes=3)
     correct = (predicted == y[200:]).astype(float)
-    result = ex.bootstrap_accuracy(correct)
+    result = measures.bootstrap_accuracy(correct)
     assert result["accuracy"] > 0.85
     assert result["ci_low"] < result["accuracy"] < result["ci_high"]
-    noise = ex.logistic_probe(x[:200], rng.integers(0, 3, 200), x[200:], classes=3)
+    noise = measures.logistic_probe(x[:200], rng.integers(0, 3, 200), x[200:], classes=3)
     assert (noise == y[200:]).mean() < 0.6  # shuffled labels: no better than chance
 
 
@@ -27,7 +29,7 @@ def test_bm25_finds_the_document_that_shares_rare_words():
         ("bake the bread", "bread baked in an oven"),
         ("the river flows", "a large natural stream of water: a river"),
     ]
-    assert ex.bm25_recall(pairs) == {"recall_at_1": 1.0, "recall_at_10": 1.0}
+    assert measures.bm25_recall(pairs) == {"recall_at_1": 1.0, "recall_at_10": 1.0}
 
 
 def test_decoder_features_ignore_right_padding(tokenizer_dir):
@@ -37,7 +39,7 @@ def test_decoder_features_ignore_right_padding(tokenizer_dir):
 
     tokenizer = Tokenizer.load(tokenizer_dir)
     model = LlamaForCausalLM(preset_config("tiny", vocab_size=tokenizer.vocab_size)).eval()
-    embed = ex.decoder_features(model, tokenizer)
+    embed = measures.decoder_features(model, tokenizer)
     texts = ["def alpha(beta): return beta + 1", "x"]
     together = embed(texts)
     alone = np.concatenate([embed([t]) for t in texts])
@@ -47,16 +49,16 @@ def test_decoder_features_ignore_right_padding(tokenizer_dir):
 
 @pytest.mark.skipif(not (ex.Path("/usr/share/wordnet/data.noun")).is_file(), reason="no WordNet")
 def test_usage_gloss_pairs_are_fixed_and_distinct():
-    a, b = ex.usage_gloss_pairs(50), ex.usage_gloss_pairs(50)
+    a, b = measures.usage_gloss_pairs(50), measures.usage_gloss_pairs(50)
     assert a == b and len(a) == 50
     assert all(usage != gloss and not gloss.startswith('"') for usage, gloss in a)
 
 
 def test_stratified_folds_deal_every_class_evenly_and_are_seeded():
     y = np.array([0] * 10 + [1] * 7 + [2] * 3)
-    fold = ex.stratified_folds(y, 5)
-    assert np.array_equal(fold, ex.stratified_folds(y, 5))
-    assert not np.array_equal(fold, ex.stratified_folds(y, 5, seed=1))
+    fold = measures.stratified_folds(y, 5)
+    assert np.array_equal(fold, measures.stratified_folds(y, 5))
+    assert not np.array_equal(fold, measures.stratified_folds(y, 5, seed=1))
     for label, size in ((0, 10), (1, 7), (2, 3)):
         counts = np.bincount(fold[y == label], minlength=5)
         assert counts.sum() == size and counts.max() - counts.min() <= 1
@@ -67,7 +69,7 @@ def test_probe_task_predicts_every_example_once(monkeypatch):
 
     rng = np.random.default_rng(0)
     examples = [Example(f"{label} {i}", label) for label in "abc" for i in range(40)]
-    monkeypatch.setattr(ex, "task_examples", lambda name: examples)
+    monkeypatch.setattr(measures, "task_examples", lambda name: examples)
     # Features that carry the label (plus noise): the cross-validated probe finds it.
     signal = {"a": 0, "b": 1, "c": 2}
 
@@ -76,9 +78,9 @@ def test_probe_task_predicts_every_example_once(monkeypatch):
             (len(texts), 6)
         )
 
-    result = ex.probe_task(embed, "any")
+    result = measures.probe_task(embed, "any")
     assert result["examples"] == 120 and result["accuracy"] > 0.8
-    noise = ex.probe_task(lambda texts: rng.standard_normal((len(texts), 6)), "any")
+    noise = measures.probe_task(lambda texts: rng.standard_normal((len(texts), 6)), "any")
     assert noise["accuracy"] < 0.55
 
 
@@ -92,7 +94,7 @@ def test_english_corpus_leaves_out_every_evaluation_text(tmp_path):
 
     from fmforge.data.tasks import load_task
 
-    pairs = ex.usage_gloss_pairs(50)
+    pairs = measures.usage_gloss_pairs(50)
     held_out = ex.held_out_texts(pairs)
     task = load_task("wordnet-supersense")
     assert task.test[0].text in held_out and task.train[0].text in held_out
@@ -142,7 +144,7 @@ def test_the_whole_experiment_runs_on_a_tiny_budget(tmp_path):
     models = ["causal", "mlm", "contrastive", "causal_random", "mlm_random", "contrastive_random"]
     assert sorted(saved["probe"]) == sorted(models)
     for row in saved["probe"].values():
-        for task in ex.TASKS:
+        for task in measures.TASKS:
             assert row[task]["ci_low"] <= row[task]["accuracy"] <= row[task]["ci_high"]
     assert {"recall_at_1", "recall_at_10"} <= set(saved["retrieval"]["bm25"])
     assert saved["budget"]["training_seconds"].keys() == {"causal", "mlm", "contrastive"}
