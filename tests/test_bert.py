@@ -131,3 +131,16 @@ def test_wordpiece_tokenizer_dir_loads_in_transformers(tmp_path):
     text = "The Teacher told a STORY about zebras."
     ours = tokenizer.frame(tokenizer.encode(text), 64)
     assert hf(text)["input_ids"] == ours
+
+
+def test_wordpiece_training_numbers_tokens_in_sorted_order():
+    # The trainer numbers tokens of equal rank in any order from run to run; fmforge renumbers
+    # them sorted, so the same vocabulary always gets the same ids (and shards, and models).
+    from encoders import wordpiece_tokenizer
+    from fmforge.tokenizer import WORDPIECE_SPECIAL_TOKENS
+
+    vocab = wordpiece_tokenizer(vocab_size=300).hf.get_vocab()
+    by_id = sorted(vocab, key=vocab.get)
+    assert by_id[:5] == list(WORDPIECE_SPECIAL_TOKENS.values())
+    assert by_id[5:] == sorted(by_id[5:]) and len(by_id) == len(set(by_id)) > 100
+    assert {"teacher", "##s", "a"} <= set(by_id)
