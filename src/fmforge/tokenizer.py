@@ -259,7 +259,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
     """Return a lowercasing BERT WordPiece tokenizer trained on `texts`: specials at ids 0..4,
-    then the other tokens in sorted order, so the same texts always give the same ids."""
+    then the other tokens in sorted order, so the same vocabulary always gets the same ids."""
     from tokenizers import normalizers, processors
 
     minimum = len(WORDPIECE_SPECIAL_TOKENS) + 100
@@ -278,9 +278,9 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, min_frequency: int = 
         show_progress=False,
     )
     hf.train_from_iterator(texts, trainer=trainer)
-    # The trainer picks the same tokens every time but numbers tokens of equal rank in any order,
-    # so models trained on two runs' shards would differ. WordPiece matches by string, not id:
-    # number the specials 0..4, then every other token in sorted order.
+    # The trainer numbers tokens of equal rank in a different order each run (on small corpora
+    # its tie-breaking can even change a late token), so two runs' shards and models would
+    # differ. WordPiece matches by string, not id: number the specials 0..4, then the rest sorted.
     specials = list(WORDPIECE_SPECIAL_TOKENS.values())
     rest = sorted(set(hf.get_vocab()) - set(specials))
     vocab = {token: i for i, token in enumerate(specials + rest)}
